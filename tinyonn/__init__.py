@@ -1,0 +1,30 @@
+"""Tiny-ONN: a sparse mixture of experts built from a dense teacher's own neurons.
+
+Pipeline (each stage a function over a run folder; see DESIGN.md):
+teacher → probe → cluster → assemble → train (SMK) → evaluate / explain.
+"""
+
+from tinyonn.config import DataConfig, PretrainConfig, TeacherModelConfig
+from tinyonn.data import (
+    Batch,
+    EncodedSample,
+    Example,
+    collate,
+    encode_example,
+    encode_examples,
+    iter_batches,
+    load_probe_set,
+    per_sample_loss,
+    read_examples,
+)
+from tinyonn.errors import DataFormatError, TeacherNotFoundError, TinyONNError, UnsupportedArchitectureError
+from tinyonn.teacher import FFNLayer, dequantize, ffn_layout, load_teacher
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch", "DataConfig", "DataFormatError", "EncodedSample", "Example", "FFNLayer", "PretrainConfig",
+    "TeacherModelConfig", "TeacherNotFoundError", "TinyONNError", "UnsupportedArchitectureError",
+    "collate", "dequantize", "encode_example", "encode_examples", "ffn_layout", "iter_batches",
+    "load_probe_set", "load_teacher", "per_sample_loss", "read_examples",
+]

@@ -1,0 +1,141 @@
+"""`tinyonn` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from tinyonn.errors import TinyONNError
+
+DEFAULT_CORPORA = Path(__file__).resolve().parent.parent.parent / "shared" / "corpora"
+
+PIPELINE = ("probe", "cluster", "assemble", "train", "evaluate")
+
+
+def built_stages() -> list[str]:
+    """Pipeline stages whose code exists in this install."""
+    import tinyonn
+
+    return [stage for stage in PIPELINE if callable(getattr(tinyonn, stage, None))]
+
+
+def cmd_run(args) -> int:
+    """Run the pipeline stages that exist so far on a teacher and say which are not built yet."""
+    import torch
+
+    from tinyonn.teacher import describe, load_teacher
+
+    run_dir = Path(args.runs) / args.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_teacher(args.teacher, quant=args.quant, dtype=torch.float32)
+    summary = describe(model)
+    print(f"teacher {args.teacher}: {summary['model_type']}, {summary['num_layers']} layers, "
+          f"{summary['ffn_units']:,} FFN units, {summary['parameters']:,} parameters")
+    from tinyonn.evaluate import sample_answers
+
+    answer = sample_answers(model, tokenizer, [args.prompt], max_new_tokens=32)[0]
+    print(f"teacher answers {args.prompt!r}: {answer!r}")
+    (run_dir / "teacher.json").write_text(json.dumps({"source": args.teacher, **summary}, indent=1))
+    done = built_stages()
+    for stage in PIPELINE:
+        print(f"  {stage:<9} {'built' if stage in done else 'not built yet'}")
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    from tinyonn import pretrain
+
+    if args.step == "data":
+        from tinyonn.builtin import build_builtin_data
+
+        print(json.dumps(build_builtin_data(args.corpora), indent=1))
+        return 0
+    from tinyonn.data import load_probe_set
+
+    work = Path(args.work)
+    if args.step == "tokenizer":
+        files = pretrain.corpus_files(Path(args.corpora) / "pretrain")
+        pretrain.train_teacher_tokenizer(files, load_probe_set("builtin", "train"), work / "tokenizer",
+                                         vocab_size=args.vocab_size)
+    elif args.step == "shards":
+        files = pretrain.corpus_files(Path(args.corpora) / "pretrain")
+        limits = {"code__go-stdlib": args.go_chars}
+        infos = pretrain.build_teacher_shards(work / "tokenizer", files, load_probe_set("builtin", "train"),
+                                              work / "shards", limits)
+        print(f"{len(infos)} shards, {sum(i.n_tokens for i in infos):,} tokens")
+    elif args.step == "train":
+        from tinyonn.config import PretrainConfig
+
+        cfg = PretrainConfig()
+        overrides = json.loads(args.overrides) if args.overrides else {}
+        if "model" in overrides:
+            from tinyonn.config import TeacherModelConfig
+
+            overrides["model"] = TeacherModelConfig(**overrides["model"])
+        cfg = dataclasses.replace(cfg, **overrides)
+        summary = pretrain.pretrain(cfg, work / "shards", work, max_minutes=args.max_minutes)
+        print(json.dumps(summary, indent=1))
+        if not summary["done"]:
+            print("stopped at the time limit with a checkpoint: run the same command again to continue")
+    elif args.step == "export":
+        out = pretrain.export_teacher(work, work / "tokenizer", args.out)
+        print(f"exported to {out}")
+    elif args.step == "eval":
+        from tinyonn.teacher_card import evaluate_teacher, write_teacher_card
+
+        metrics = evaluate_teacher(args.out, work / "shards", device=args.device)
+        (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_teacher_card(metrics, args.out)
+        print(json.dumps(metrics, indent=1))
+    elif args.step == "card":
+        from tinyonn.teacher_card import write_teacher_card
+
+        metrics = json.loads((Path(args.out) / "metrics.json").read_text())
+        write_teacher_card(metrics, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyonn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline stages built so far")
+    run.add_argument("--teacher", default="builtin", help="'builtin', a local model directory or a hub id")
+    run.add_argument("--quant", default="none", choices=["none", "nf4", "int8"])
+    run.add_argument("--run", default="default", help="run name (folder under --runs)")
+    run.add_argument("--runs", default="stores/runs")
+    run.add_argument("--prompt", default="What does the word \"harbour\" mean?")
+    run.set_defaults(func=cmd_run)
+
+    teacher = sub.add_parser("teacher", help="build the embedded default teacher (recipe steps)")
+    teacher.add_argument("step", choices=["data", "tokenizer", "shards", "train", "export", "eval", "card"])
+    teacher.add_argument("--corpora", default=str(DEFAULT_CORPORA), help="the shared corpora folder")
+    teacher.add_argument("--work", default="stores/runs/teacher", help="tokenizer, shards and checkpoints")
+    teacher.add_argument("--out", default="stores/builtin/teacher", help="exported teacher directory")
+    teacher.add_argument("--vocab-size", type=int, default=16384)
+    teacher.add_argument("--go-chars", type=int, default=20_000_000, help="cap on Go stdlib characters")
+    teacher.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this")
+    teacher.add_argument("--overrides", default=None, help="JSON of PretrainConfig fields to change")
+    teacher.add_argument("--device", default=None)
+    teacher.set_defaults(func=cmd_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TinyONNError as err:
+        print(f"tinyonn: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"tinyonn: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
