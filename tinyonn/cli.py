@@ -77,7 +77,8 @@ def cmd_teacher(args) -> int:
 
             overrides["model"] = TeacherModelConfig(**overrides["model"])
         cfg = dataclasses.replace(cfg, **overrides)
-        summary = pretrain.pretrain(cfg, work / "shards", work, max_minutes=args.max_minutes)
+        summary = pretrain.pretrain(cfg, work / "shards", work, max_minutes=args.max_minutes,
+                                    max_steps=args.max_steps)
         print(json.dumps(summary, indent=1))
         if not summary["done"]:
             print("stopped at the time limit with a checkpoint: run the same command again to continue")
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--vocab-size", type=int, default=16384)
     teacher.add_argument("--go-chars", type=int, default=20_000_000, help="cap on Go stdlib characters")
     teacher.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this")
+    teacher.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this")
     teacher.add_argument("--overrides", default=None, help="JSON of PretrainConfig fields to change")
     teacher.add_argument("--device", default=None)
     teacher.set_defaults(func=cmd_teacher)

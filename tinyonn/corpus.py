@@ -1,6 +1,7 @@
 """Pretraining corpus: raw text sources → compressed token shards → random training windows.
 
-Shards are flat little-endian uint16 token streams compressed with zstd, each at most
+Shards are flat little-endian uint16 token streams compressed with zstd (numcodecs' Zstd, so the
+GPU machine needs only the numcodecs wheel), each at most
 `max_shard_bytes` compressed, listed in `index.json` with their source and token count. A source's
 documents are separated by the end-of-text token.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zstandard
+from numcodecs import Zstd
 
 from tinyonn.tokenizer import EOS_TOKEN, chunked
 
@@ -25,6 +26,8 @@ def read_text(path: str | Path, max_chars: int | None = None) -> str:
     """Read a UTF-8 text file, zstd-compressed when its name ends in `.zst`."""
     path = Path(path)
     if path.suffix == ".zst":
+        import zstandard  # streaming reader: corpus files are large
+
         with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
             text = io.TextIOWrapper(reader, encoding="utf-8", errors="replace")
             return text.read(max_chars) if max_chars else text.read()
@@ -59,12 +62,12 @@ def write_token_shards(
     out_dir: str | Path,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     vocab_size: int | None = None,
-    level: int = 9,
+    level: int = 19,
 ) -> list[ShardInfo]:
     """Write each source's token stream as zstd shards of at most `max_shard_bytes` each."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    compressor = zstandard.ZstdCompressor(level=level)
+    compressor = Zstd(level=level)
     infos: list[ShardInfo] = []
     for source, tokens in streams.items():
         tokens = np.ascontiguousarray(tokens, dtype="<u2")
@@ -72,7 +75,7 @@ def write_token_shards(
         step = max(1, max_shard_bytes // 2 - 4096)
         for part, start in enumerate(range(0, max(len(tokens), 1), step)):
             piece = tokens[start : start + step]
-            blob = compressor.compress(piece.tobytes())
+            blob = compressor.encode(piece.tobytes())
             if len(blob) > max_shard_bytes:
                 raise ValueError(f"shard of {source} compressed to {len(blob)} bytes > {max_shard_bytes}")
             name = f"{source}.{part:03d}.u16.zst"
@@ -90,10 +93,10 @@ def read_token_shards(shard_dir: str | Path) -> dict[str, np.ndarray]:
     if not index_path.is_file():
         raise FileNotFoundError(f"no token shard index at {index_path}")
     index = json.loads(index_path.read_text())
-    decompressor = zstandard.ZstdDecompressor()
+    decompressor = Zstd()
     parts: dict[str, list[np.ndarray]] = {}
     for shard in index["shards"]:
-        blob = decompressor.decompress((shard_dir / shard["file"]).read_bytes())
+        blob = decompressor.decode((shard_dir / shard["file"]).read_bytes())
         tokens = np.frombuffer(blob, dtype="<u2")
         if len(tokens) != shard["n_tokens"]:
             raise ValueError(f"{shard_dir / shard['file']}: {len(tokens)} tokens, index says {shard['n_tokens']}")

@@ -79,15 +79,26 @@ def unigram_perplexity(counts: np.ndarray, tokenizer, examples: Sequence[Example
     return _summarise(nll_sum, count)
 
 
+def candidate_answers(item: dict) -> tuple[list[str], int]:
+    """The answers to score for an item and the index of the reference among them.
+
+    Multiple-choice items give their choices and `answer_idx`; generation items give their
+    `target` (the first one where the task lists several acceptable targets).
+    """
+    if item.get("choices"):
+        return [str(c) for c in item["choices"]], int(item["answer_idx"])
+    target = item["target"]
+    return [str(target[0] if isinstance(target, list) else target)], 0
+
+
 def _choice_sequences(tokenizer, item: dict, max_length: int) -> list[tuple[list[int], int]]:
     """(token ids, number of answer tokens at the end) for each candidate answer of an item."""
     question = (item.get("prefix") or "") + item["input"]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                            add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    candidates = item["choices"] if item.get("choices") else [item["target"]]
     out = []
-    for answer in candidates:
+    for answer in candidate_answers(item)[0]:
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length // 2] or [
             tokenizer.pad_token_id]
         keep = max_length - len(answer_ids)
@@ -127,7 +138,7 @@ def multiple_choice_eval(model, tokenizer, items: Sequence[dict], batch_size: in
     stats: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for i, item in enumerate(items):
         scored = by_item[i]
-        answer = item.get("answer_idx", 0) if item.get("choices") else 0
+        answer = candidate_answers(item)[1]
         total_lp, n = scored[answer]
         s = stats[item["category"]]
         s["ref_nll"].append(-total_lp / n)

@@ -116,7 +116,7 @@ def make_optimizer(model, cfg: PretrainConfig, device: torch.device):
 
 
 def save_checkpoint(path: Path, model, optimizer, sampler: WindowSampler, step: int, tokens: int,
-                    elapsed_s: float, cfg: PretrainConfig) -> None:
+                    elapsed_s: float, cfg: PretrainConfig, last_loss: float = float("nan")) -> None:
     """Write the whole training state atomically (temp file, then rename)."""
     state = {
         "model": model.state_dict(),
@@ -126,6 +126,7 @@ def save_checkpoint(path: Path, model, optimizer, sampler: WindowSampler, step: 
         "step": step,
         "tokens": tokens,
         "elapsed_s": elapsed_s,
+        "last_loss": last_loss,
         "config": dataclasses.asdict(cfg),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,8 +136,12 @@ def save_checkpoint(path: Path, model, optimizer, sampler: WindowSampler, step: 
 
 
 def pretrain(cfg: PretrainConfig, shard_dir: str | Path, run_dir: str | Path,
-             max_minutes: float | None = None, device: str | None = None, log_every: int = 10) -> dict:
-    """Train (or resume training) the teacher; returns a summary with `done` and the last loss."""
+             max_minutes: float | None = None, device: str | None = None, log_every: int = 10,
+             max_steps: int | None = None) -> dict:
+    """Train (or resume training) the teacher; returns a summary with `done` and the last loss.
+
+    Stops with a checkpoint after `max_minutes` of wall time or `max_steps` steps in this call.
+    """
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
@@ -155,6 +160,7 @@ def pretrain(cfg: PretrainConfig, shard_dir: str | Path, run_dir: str | Path,
     optimizer = make_optimizer(model, cfg, dev)
     checkpoint = run_dir / "checkpoints" / "latest.pt"
     step, tokens, elapsed_before = 0, 0, 0.0
+    loss_value = float("nan")
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
@@ -162,6 +168,7 @@ def pretrain(cfg: PretrainConfig, shard_dir: str | Path, run_dir: str | Path,
         sampler.load_state(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        loss_value = state.get("last_loss", float("nan"))
         print(f"resumed from {checkpoint} at step {step} ({tokens:,} tokens)")
     (run_dir / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
@@ -180,7 +187,7 @@ def pretrain(cfg: PretrainConfig, shard_dir: str | Path, run_dir: str | Path,
     start = time.time()
     last_save = start
     deadline = start + max_minutes * 60 if max_minutes else None
-    loss_value = float("nan")
+    first_step = step
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step")
     model.train()
     while step < total_steps:
@@ -219,10 +226,11 @@ def pretrain(cfg: PretrainConfig, shard_dir: str | Path, run_dir: str | Path,
             with log_path.open("a") as log:
                 log.write(json.dumps(record) + "\n")
         now = time.time()
-        out_of_time = deadline is not None and now >= deadline
+        out_of_time = (deadline is not None and now >= deadline) or (
+            max_steps is not None and step - first_step >= max_steps)
         if out_of_time or step == total_steps or now - last_save >= cfg.checkpoint_every_s:
             save_checkpoint(checkpoint, model, optimizer, sampler, step, tokens,
-                            elapsed_before + now - start, cfg)
+                            elapsed_before + now - start, cfg, loss_value)
             last_save = now
         if out_of_time:
             break
