@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import zstandard
 
 from tinyonn.config import DataConfig
 from tinyonn.errors import DataFormatError
@@ -172,6 +171,8 @@ def _open_binary(path: Path):
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
+        import zstandard  # imported here: only .zst inputs need it
+
         raw = open(path, "rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")
@@ -209,7 +210,11 @@ def read_examples(path: str | os.PathLike | Any) -> list[Example]:
                 examples.append(parse_record(record, origin, lineno))
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except (OSError, EOFError, zstandard.ZstdError) as err:  # corrupt or truncated compressed data
+    except DataFormatError:
+        raise
+    except Exception as err:  # corrupt or truncated gzip / zstd data (zstandard.ZstdError)
+        if not isinstance(err, (OSError, EOFError)) and type(err).__name__ != "ZstdError":
+            raise
         raise DataFormatError(origin, lineno + 1, f"cannot decompress: {err}") from None
     if not examples:
         raise DataFormatError(origin, None, "no examples (the file is empty or only blank lines)")
