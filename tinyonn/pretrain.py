@@ -166,7 +166,7 @@ def pretrain(cfg: PretrainConfig, shard_dir: str | Path, run_dir: str | Path,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         loss_value = state.get("last_loss", float("nan"))
         print(f"resumed from {checkpoint} at step {step} ({tokens:,} tokens)")
