@@ -1,0 +1,34 @@
+"""The command line and the README's commands."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tinyonn.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_on_the_builtin_teacher_lists_stages(tmp_path, capsys):
+    assert main(["run", "--runs", str(tmp_path), "--run", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "12,288 FFN units" in out
+    assert re.search(r"probe\s+(built|not built yet)", out)
+    info = json.loads((tmp_path / "smoke" / "teacher.json").read_text())
+    assert info["model_type"] == "qwen3" and info["num_layers"] == 8
+
+
+def test_missing_teacher_directory_is_a_clear_error(tmp_path, capsys):
+    assert main(["run", "--teacher", str(tmp_path / "missing"), "--runs", str(tmp_path)]) == 2
+    assert f"teacher directory not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+
+
+def test_ci_runs_the_readme_commands_exactly():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    setup, test = blocks[0].strip(), blocks[2].strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert any(line.startswith(setup) for line in ci_lines), setup
+    assert test in ci_lines, test
