@@ -4,7 +4,7 @@ Pipeline (each stage a function over a run folder; see DESIGN.md):
 teacher → probe → cluster → assemble → train (SMK) → evaluate / explain.
 """
 
-from tinyonn.config import DataConfig, PretrainConfig, TeacherModelConfig
+from tinyonn.config import DataConfig, PretrainConfig, ProbeConfig, TeacherModelConfig
 from tinyonn.data import (
     Batch,
     EncodedSample,
@@ -18,12 +18,15 @@ from tinyonn.data import (
     read_examples,
 )
 from tinyonn.errors import DataFormatError, TeacherNotFoundError, TinyONNError, UnsupportedArchitectureError
+from tinyonn.probe import probe
+from tinyonn.scores import ScoreConfig, score_store
+from tinyonn.store import ScoreStore
 from tinyonn.teacher import FFNLayer, dequantize, ffn_layout, load_teacher
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "DataConfig", "DataFormatError", "EncodedSample", "Example", "FFNLayer", "PretrainConfig",
+    "Batch", "DataConfig", "ProbeConfig", "ScoreConfig", "ScoreStore", "probe", "score_store", "DataFormatError", "EncodedSample", "Example", "FFNLayer", "PretrainConfig",
     "TeacherModelConfig", "TeacherNotFoundError", "TinyONNError", "UnsupportedArchitectureError",
     "collate", "dequantize", "encode_example", "encode_examples", "ffn_layout", "iter_batches",
     "load_probe_set", "load_teacher", "per_sample_loss", "read_examples",

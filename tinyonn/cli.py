@@ -46,6 +46,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    """Probe a teacher into a Zarr score store (resumes an interrupted run)."""
+    from tinyonn.config import DataConfig, ProbeConfig
+    from tinyonn.probe import probe
+
+    config = ProbeConfig(
+        data=DataConfig(max_length=args.max_length, batch_size=args.batch_size),
+        chunk_samples=args.chunk_samples, freq_threshold=args.freq_threshold,
+        per_sample=not args.aggregates_only, heads=not args.no_heads, grad_method=args.grad_method,
+        dtype=args.dtype, quant=args.quant, device=args.device, max_samples=args.max_samples,
+    )
+    out = Path(args.out) if args.out else Path(args.runs) / args.run / "scores.zarr"
+    store = probe(args.teacher, args.data, config, out, overwrite=args.overwrite)
+    store.summary()
+    return 0
+
+
 def cmd_teacher(args) -> int:
     from tinyonn import pretrain
 
@@ -111,6 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs", default="stores/runs")
     run.add_argument("--prompt", default="What does the word \"harbour\" mean?")
     run.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("probe", help="measure every FFN unit into a Zarr score store")
+    pr.add_argument("--teacher", default="builtin")
+    pr.add_argument("--data", default="builtin", help="'builtin' (train split) or a JSONL file")
+    pr.add_argument("--run", default="default")
+    pr.add_argument("--runs", default="stores/runs")
+    pr.add_argument("--out", default=None, help="store path (default <runs>/<run>/scores.zarr)")
+    pr.add_argument("--quant", default="none", choices=["none", "nf4", "int8"])
+    pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pr.add_argument("--device", default=None)
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--max-length", type=int, default=512)
+    pr.add_argument("--max-samples", type=int, default=None)
+    pr.add_argument("--chunk-samples", type=int, default=256)
+    pr.add_argument("--freq-threshold", type=float, default=1.0)
+    pr.add_argument("--grad-method", default="auto", choices=["auto", "gram", "direct"])
+    pr.add_argument("--aggregates-only", action="store_true", help="skip the per-sample [N, U] arrays")
+    pr.add_argument("--no-heads", action="store_true", help="skip attention-head statistics")
+    pr.add_argument("--overwrite", action="store_true", help="replace a store probed with other inputs")
+    pr.set_defaults(func=cmd_probe)
 
     teacher = sub.add_parser("teacher", help="build the embedded default teacher (recipe steps)")
     teacher.add_argument("step", choices=["data", "tokenizer", "shards", "train", "export", "eval", "card"])

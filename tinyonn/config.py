@@ -65,3 +65,28 @@ class PretrainConfig:
     checkpoint_every_s: float = 120.0
     compile: bool = True
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the probe measures the teacher's units (see `tinyonn.probe`)."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512, batch_size=8))
+    chunk_samples: int = 256
+    """Samples per store chunk: the unit of atomic writes and of resuming."""
+    freq_threshold: float = 1.0
+    """A unit fires on a token when |h| exceeds this multiple of the token's RMS of h over the layer."""
+    per_sample: bool = True
+    """Keep the per-sample [N, U] arrays (float16); False keeps only aggregates (`--aggregates-only`)."""
+    heads: bool = True
+    """Also measure attention heads (output norm, per-sample gradient norm of o_proj columns)."""
+    grad_method: Literal["auto", "gram", "direct"] = "auto"
+    """Per-sample norms through T×T Gram matrices or materialised per-sample gradients; auto picks
+    the one with fewer FLOPs for the batch's shape."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quant: Literal["none", "nf4", "int8"] = "none"
+    device: str | None = None
+    max_samples: int | None = None
+    sort_by_length: bool = True
+    """Batch samples of similar length together inside a chunk (less padding); results keep the
+    data set's order."""

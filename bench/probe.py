@@ -1,0 +1,197 @@
+"""Probe throughput against a training step and the naive per-sample route (GPU).
+
+For each shape (Qwen3-0.6B and Qwen3-4B sizes, random weights, batch 8×512), in one run:
+  train  — a plain training step: forward + backward with weight gradients (bf16 weights)
+  probe  — `tinyonn.probe.probe_batch` (bf16): forward + backward to activations + exact stats
+  nf4    — the same probe on bitsandbytes nf4 weights (4B only)
+  naive  — `torch.func.vmap(grad(...))` over the MLP and o_proj weights (null when it runs out of memory)
+Writes bench/results/probe.json and prints a table.
+
+    python bench/probe.py [--shapes 0.6B 4B] [--iters 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    # a few-second CPU smoke test of this script's logic (`--device cpu --shapes tiny`)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True),
+}
+BATCH, SEQ = 8, 512
+DEVICE = "cuda"
+
+
+def make_model(shape: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
+    with torch.device(DEVICE):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.config.use_cache = False
+    return model
+
+
+def make_batch(vocab: int):
+    from tinyonn.data import Batch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (BATCH, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100  # a short prompt; the rest is the response
+    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                 sample_index=torch.arange(BATCH), categories=tuple("x" * BATCH))
+
+
+def quantize_nf4(model):
+    """Replace every decoder linear layer by a bitsandbytes nf4 Linear4bit (quantised on the GPU)."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                    setattr(parent, name, q.cuda())
+                    del child
+    gc.collect()
+    torch.cuda.empty_cache()
+    return model
+
+
+def timed(step, iters: int) -> tuple[float, float]:
+    """Seconds per call (median of `iters` after 2 warm-ups) and peak GiB over the timed calls."""
+    for _ in range(2):
+        step()
+    if DEVICE == "cpu":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2], float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    times.sort()
+    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def release() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_shape(shape: str, iters: int) -> dict:
+    from tinyonn.config import ProbeConfig
+    from tinyonn.probe import probe_batch
+    from tinyonn.probe_reference import per_sample_grad_norms
+
+    tokens = BATCH * SEQ
+    model = make_model(shape)
+    batch = make_batch(model.config.vocab_size)
+    gpu = {k: v.to(DEVICE) for k, v in (("input_ids", batch.input_ids), ("labels", batch.labels))}
+    out: dict = {"batch": BATCH, "seq": SEQ, "parameters": sum(p.numel() for p in model.parameters())}
+
+    def train_step():
+        loss = model(input_ids=gpu["input_ids"], labels=gpu["labels"]).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    model.requires_grad_(True)
+    seconds, peak = timed(train_step, iters)
+    out.update(train_tok_s=tokens / seconds, train_peak_gib=peak)
+    model.requires_grad_(False)
+    release()
+
+    config = ProbeConfig(dtype="bfloat16")
+    seconds, peak = timed(lambda: probe_batch(model, batch, config), iters)
+    out.update(probe_tok_s=tokens / seconds, probe_peak_gib=peak)
+    release()
+
+    try:
+        seconds, peak = timed(lambda: per_sample_grad_norms(model, batch), max(1, iters // 2))
+        out.update(naive_tok_s=tokens / seconds, naive_peak_gib=peak)
+    except torch.OutOfMemoryError:
+        out.update(naive_tok_s=None, naive_peak_gib=None, naive_error="out of memory")
+    except Exception as err:  # the naive route failing for another reason is recorded, not hidden
+        out.update(naive_tok_s=None, naive_peak_gib=None, naive_error=f"{type(err).__name__}: {err}"[:300])
+    release()
+
+    if shape == "4B" and DEVICE == "cuda":
+        quantize_nf4(model)
+        seconds, peak = timed(lambda: probe_batch(model, batch, config), iters)
+        out.update(probe_nf4_tok_s=tokens / seconds, probe_nf4_peak_gib=peak)
+    del model
+    release()
+    out["probe_over_train"] = out["probe_tok_s"] / out["train_tok_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    global DEVICE, SEQ
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe.json"))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--seq", type=int, default=SEQ)
+    args = parser.parse_args(argv)
+    DEVICE, SEQ = args.device, args.seq
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("bench/probe.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(["bench/probe.py"] + (argv if argv is not None else sys.argv[1:])),
+        "torch": torch.__version__,
+        "batch": [BATCH, SEQ],
+        "shapes": {},
+    }
+    for shape in args.shapes:
+        started = time.time()
+        results["shapes"][shape] = run_shape(shape, args.iters)
+        results["shapes"][shape]["bench_seconds"] = time.time() - started
+        print(shape, json.dumps(results["shapes"][shape]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\n{'shape':<6} {'train tok/s':>12} {'probe tok/s':>12} {'ratio':>6} {'nf4 tok/s':>10} "
+          f"{'naive tok/s':>12} {'train GiB':>10} {'probe GiB':>10}")
+    for shape, r in results["shapes"].items():
+        nf4 = f"{r['probe_nf4_tok_s']:,.0f}" if r.get("probe_nf4_tok_s") else "-"
+        naive = f"{r['naive_tok_s']:,.0f}" if r.get("naive_tok_s") else "OOM"
+        print(f"{shape:<6} {r['train_tok_s']:>12,.0f} {r['probe_tok_s']:>12,.0f} {r['probe_over_train']:>6.2f} "
+              f"{nf4:>10} {naive:>12} {r['train_peak_gib']:>10.1f} {r['probe_peak_gib']:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The probe: exact per-sample statistics of every FFN unit (and attention head) of a teacher.
+
+One forward pass and one backward pass *to the activations* per batch (the weights stay frozen, so
+nf4/int8 teachers work): forward hooks keep each layer's x, g, u, h (and o_proj's input z); tensor
+hooks receive ∂l/∂y, ∂l/∂h, ∂l/∂g, ∂l/∂u layer by layer during the backward and turn them at once
+into per-sample statistics with the vmapped pure functions of `tinyonn.unit_stats`, so only one
+layer's gradients are alive at a time. The per-sample loss l_i is the mean NLL over sample i's
+response tokens; the batch loss is Σ_i l_i, whose gradient on sample i's activations is ∂l_i.
+
+`probe()` runs this over a probe set in chunks, writing each chunk to the Zarr score store
+atomically; a killed probe resumes at the first unfinished chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from tinyonn.config import ProbeConfig
+from tinyonn.data import Batch, EncodedSample, Example, collate, encode_examples, per_sample_loss
+from tinyonn.teacher import FFNLayer, decoder_layers, dequantize, ffn_layout
+from tinyonn.unit_stats import choose_method, head_stats, unit_activation_stats, unit_grad_sq
+
+
+@dataclass
+class BatchStats:
+    """Per-sample statistics of one batch: [B, U] for units (layers concatenated), [B, H] for heads."""
+
+    act: torch.Tensor
+    freq: torch.Tensor
+    grad: torch.Tensor
+    taylor: torch.Tensor
+    head_out: torch.Tensor
+    head_grad: torch.Tensor
+    loss: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def _embedding_module(model) -> torch.nn.Module:
+    return model.get_input_embeddings()
+
+
+class _LayerCapture:
+    """Forward and gradient hooks of one decoder layer; fills per-sample stats into `out`."""
+
+    def __init__(self, ffn: FFNLayer, attention_out: torch.nn.Module | None, num_heads: int,
+                 config: ProbeConfig):
+        self.ffn, self.o_proj, self.num_heads, self.config = ffn, attention_out, num_heads, config
+        self.saved: dict[str, torch.Tensor] = {}
+        self.result: dict[str, torch.Tensor] = {}
+        self.handles = [
+            ffn.gate_proj.register_forward_hook(self._on_gate),
+            ffn.up_proj.register_forward_hook(self._on_up),
+            ffn.down_proj.register_forward_hook(self._on_down),
+        ]
+        if attention_out is not None:
+            self.handles.append(attention_out.register_forward_hook(self._on_o_proj))
+        self.masks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # forward hooks: keep the tensors, hook their gradients
+    def _on_gate(self, module, inputs, output):
+        self.saved["x"], self.saved["g"] = inputs[0], output
+        output.register_hook(lambda grad: self._on_grad("a", grad))
+
+    def _on_up(self, module, inputs, output):
+        self.saved["u"] = output
+        output.register_hook(lambda grad: self._on_grad("b", grad))
+
+    def _on_down(self, module, inputs, output):
+        self.saved["h"] = inputs[0]
+        output.register_hook(lambda grad: self._on_grad("delta", grad))
+        inputs[0].register_hook(lambda grad: self._on_grad("dh", grad))
+
+    def _on_o_proj(self, module, inputs, output):
+        self.saved["z"] = inputs[0]
+        output.register_hook(lambda grad: self._on_grad("delta_o", grad))
+
+    def _on_grad(self, name: str, grad: torch.Tensor) -> None:
+        self.saved[name] = grad
+        s, cfg = self.saved, self.config
+        response, valid = self.masks
+        if name == "dh":  # h and ∂l/∂h are known: activation statistics
+            act, freq, taylor = vmap(unit_activation_stats, in_dims=(0, 0, 0, 0, None))(
+                s["h"], s["dh"], response, valid, cfg.freq_threshold)
+            self.result.update(act=act, freq=freq, taylor=taylor)
+            del s["dh"]
+        if all(k in s for k in ("delta", "a", "b")):  # the layer's three gradients are in
+            t, d = s["x"].shape[1], s["x"].shape[2]
+            method = choose_method(cfg.grad_method, t, d, s["h"].shape[2])
+            grad_sq = vmap(unit_grad_sq, in_dims=(0, 0, 0, 0, 0, None))(
+                s["x"], s["h"], s["delta"], s["a"], s["b"], method)
+            self.result["grad"] = grad_sq.clamp_min(0).sqrt()
+            for key in ("x", "g", "u", "h", "delta", "a", "b"):
+                s.pop(key, None)
+        if name == "delta_o":
+            t, d, width = s["z"].shape[1], s["delta_o"].shape[2], s["z"].shape[2]
+            method = cfg.grad_method if cfg.grad_method != "auto" else (
+                "gram" if t * t * (d + width) < t * d * width else "direct")
+            out, grad_norm = vmap(head_stats, in_dims=(0, 0, 0, None, None))(
+                s["z"], s["delta_o"], response, self.num_heads, method)
+            self.result.update(head_out=out, head_grad=grad_norm)
+            s.pop("z"), s.pop("delta_o")
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.saved.clear()
+
+
+def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean NLL over the response tokens, with the LM head applied only where a
+    response token is predicted (the head is a large share of a small model's FLOPs)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    targets = labels[:, 1:]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+    nll = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
+    total = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll)
+    return total / torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
+
+
+def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLayer] | None = None) -> BatchStats:
+    """Per-sample unit and head statistics of one batch (one forward, one backward to activations)."""
+    layout = layout or ffn_layout(model)
+    device = next(model.parameters()).device
+    num_heads = model.config.num_attention_heads
+    layers = decoder_layers(model)
+    captures = [
+        _LayerCapture(ffn, layers[ffn.layer].self_attn.o_proj if config.heads else None, num_heads, config)
+        for ffn in layout
+    ]
+    input_ids = batch.input_ids.to(device)
+    attention_mask = batch.attention_mask.to(device)
+    labels = batch.labels.to(device)
+    response = (labels != -100).long()
+    for capture in captures:
+        capture.masks = (response, attention_mask)
+    embed_hook = _embedding_module(model).register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            losses = response_loss(model, input_ids, attention_mask, labels)
+            losses.sum().backward()
+    finally:
+        embed_hook.remove()
+        for capture in captures:
+            capture.remove()
+    cat = lambda key: torch.cat([c.result[key] for c in captures], dim=1).float().cpu()  # noqa: E731
+    empty = torch.zeros(len(losses), 0)
+    return BatchStats(
+        act=cat("act"), freq=cat("freq"), grad=cat("grad"), taylor=cat("taylor"),
+        head_out=cat("head_out") if config.heads else empty,
+        head_grad=cat("head_grad") if config.heads else empty,
+        loss=losses.detach().float().cpu(),
+        n_tokens=response.sum(1).cpu().int(),
+    )
+
+
+def unit_table(layout: Sequence[FFNLayer]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer, index and down_proj column norm of every unit, layers concatenated."""
+    layers, indices, norms = [], [], []
+    for ffn in layout:
+        layers.append(np.full(ffn.intermediate_size, ffn.layer, dtype=np.int16))
+        indices.append(np.arange(ffn.intermediate_size, dtype=np.int32))
+        norms.append(dequantize(ffn.down_proj, torch.float32).norm(dim=0).numpy())
+    return np.concatenate(layers), np.concatenate(indices), np.concatenate(norms).astype(np.float32)
+
+
+def _fingerprint(teacher_id: str, samples: Sequence[EncodedSample], config: ProbeConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(teacher_id.encode())
+    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    for sample in samples:
+        digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _teacher_identity(model) -> str:
+    """Name and config of the teacher plus a checksum of its first and last parameters."""
+    params = list(model.parameters())
+    probe_bytes = b"".join(p.detach().float().flatten()[:4096].cpu().numpy().tobytes() for p in (params[0], params[-1]))
+    return json.dumps({"name": getattr(model, "name_or_path", ""), "config": model.config.to_json_string(),
+                       "weights": hashlib.sha256(probe_bytes).hexdigest()}, sort_keys=True)
+
+
+def _chunk_batches(samples: Sequence[EncodedSample], config: ProbeConfig) -> list[list[int]]:
+    """Positions inside a chunk grouped into batches (by length when configured)."""
+    order = list(range(len(samples)))
+    if config.sort_by_length:
+        order.sort(key=lambda i: (len(samples[i].input_ids), i))
+    size = config.data.batch_size
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "stores/runs/default/scores.zarr",
+          tokenizer=None, overwrite: bool = False, progress: bool = True):
+    """Probe a teacher on a data set and return the finished `ScoreStore`.
+
+    `teacher` is a loaded model (then pass `tokenizer`) or a source for `load_teacher` ("builtin",
+    a directory, a hub id); `data` is a list of `Example`, a JSONL path, "builtin" (the builtin
+    train split) or a `datasets` object. Rerunning with the same inputs resumes an interrupted probe.
+    """
+    from tqdm.auto import tqdm
+
+    from tinyonn.data import load_probe_set, read_examples
+    from tinyonn.scores import PIDIFF_FORMULA, ScoreConfig, summary_score_fn
+    from tinyonn.store import ChunkStats, ScoreStoreWriter
+    from tinyonn.teacher import load_teacher
+
+    config = config or ProbeConfig()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_name = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher, "name_or_path", "model")
+    if isinstance(teacher, (str, Path)):
+        teacher, tokenizer = load_teacher(teacher, quant=config.quant, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise ValueError("probe() needs the tokenizer when `teacher` is a model object")
+    data_name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
+    if isinstance(data, str) and data == "builtin":
+        data = load_probe_set("builtin", "train")
+    elif isinstance(data, (str, Path)):
+        data = read_examples(data)
+    elif not isinstance(data, list):
+        data = read_examples(data)
+    if config.max_samples is not None:
+        data = data[: config.max_samples]
+    samples, skipped = encode_examples(tokenizer, data, config.data)
+    if not samples:
+        raise ValueError(f"no probe sample left after encoding ({skipped})")
+    layout = ffn_layout(teacher)
+    units_layer, units_index, down_norm = unit_table(layout)
+    num_heads = teacher.config.num_attention_heads
+    n_heads = len(layout) * num_heads if config.heads else 0
+    categories = sorted({s.category for s in samples})
+    category_code = {c: i for i, c in enumerate(categories)}
+    score_config = ScoreConfig()
+    attrs = {
+        "teacher": teacher_name,
+        "teacher_config": json.loads(teacher.config.to_json_string()),
+        "data": data_name,
+        "skipped": dataclasses.asdict(skipped),
+        "probe_config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "formula": PIDIFF_FORMULA,
+        "score_config": dataclasses.asdict(score_config),
+        "fingerprint": _fingerprint(_teacher_identity(teacher), samples, config),
+        "statistics": {
+            "act": "mean |h| over the response tokens",
+            "freq": f"fraction of response tokens with |h| > {config.freq_threshold} x the token's RMS of h",
+            "grad": "exact per-sample L2 norm of the unit's gate row, up row and down column gradients",
+            "taylor": "|sum over positions of h * dl/dh| (first-order loss change of removing the unit)",
+        },
+    }
+    writer = ScoreStoreWriter.open(
+        out, units_layer=units_layer, units_index=units_index,
+        heads_layer=np.repeat(np.arange(len(layout)), num_heads).astype(np.int16) if n_heads else np.zeros(0, np.int16),
+        heads_index=np.tile(np.arange(num_heads), len(layout)).astype(np.int16) if n_heads else np.zeros(0, np.int16),
+        categories=categories,
+        sample_category=np.asarray([category_code[s.category] for s in samples], dtype=np.int16),
+        source_index=np.asarray([s.index for s in samples], dtype=np.int64),
+        chunk_samples=config.chunk_samples, per_sample=config.per_sample, attrs=attrs,
+        units_down_norm=down_norm, overwrite=overwrite,
+    )
+    pending = writer.pending_chunks()
+    total_tokens = sum(len(samples[i].input_ids) for k in pending for i in range(*writer.chunk_range(k)))
+    log_path = Path(out).parent / "probe_log.jsonl"  # beside the store: keeps the Zarr group clean
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="probe", disable=not progress)
+    teacher.eval()
+    started = time.time()
+    for k in pending:
+        start, stop = writer.chunk_range(k)
+        chunk = samples[start:stop]
+        rows = {name: np.zeros((len(chunk), n), dtype=np.float32)
+                for name, n in (("act", len(units_layer)), ("freq", len(units_layer)), ("grad", len(units_layer)),
+                                ("taylor", len(units_layer)), ("head_out", n_heads), ("head_grad", n_heads))}
+        loss = np.zeros(len(chunk), dtype=np.float32)
+        n_tokens = np.zeros(len(chunk), dtype=np.int32)
+        chunk_start = time.time()
+        for positions in _chunk_batches(chunk, config):
+            batch = collate([chunk[p] for p in positions], tokenizer.pad_token_id, config.data.padding_side)
+            stats = probe_batch(teacher, batch, config, layout)
+            for name in rows:
+                rows[name][positions] = getattr(stats, name).numpy()
+            loss[positions] = stats.loss.numpy()
+            n_tokens[positions] = stats.n_tokens.numpy()
+            tokens = int(batch.attention_mask.sum())
+            bar.update(tokens)
+            bar.set_postfix(chunk=f"{k + 1}/{writer.n_chunks}", tok_s=f"{bar.n / max(time.time() - started, 1e-9):,.0f}")
+        writer.write_chunk(k, ChunkStats(loss=loss, n_tokens=n_tokens, **rows))
+        with log_path.open("a") as log:
+            chunk_tokens = sum(len(s.input_ids) for s in chunk)
+            log.write(json.dumps({"chunk": k, "samples": len(chunk), "tokens": chunk_tokens,
+                                  "seconds": time.time() - chunk_start,
+                                  "tok_s": chunk_tokens / max(time.time() - chunk_start, 1e-9)}) + "\n")
+    bar.close()
+    return writer.finalize(summary_score_fn(score_config), score_attrs={"score": "pidiff"})

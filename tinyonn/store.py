@@ -1,0 +1,729 @@
+"""The score store: the probe's per-sample × per-unit statistics as a resumable Zarr v3 group.
+
+Layout (N samples, U units, H heads, C categories, K = ceil(N / chunk_samples) probe chunks)::
+
+    per_sample/{act,freq,grad,taylor}   [N, U] float16   only with per_sample=True
+    per_sample/{head_out,head_grad}     [N, H] float16   only with per_sample=True and H > 0
+    samples/category [N] int16 (codes into attrs["categories"]), samples/source_index [N] int64,
+    samples/n_tokens [N] int32, samples/loss [N] float32
+    units/layer [U] int16, units/index [U] int32, units/down_norm [U] float32 (optional)
+    heads/layer [H] int16, heads/index [H] int16                        (only when H > 0)
+    partials/{act,freq,grad,taylor} [K, C, U] float64, partials/{head_out,head_grad} [K, C, H]
+    partials/count [K, C] int64           per probe chunk: sum over its samples of each category
+    summary/{act,...} [U] float32, summary/by_category/{act,...} [C, U] float32,
+    summary/by_category/count [C] int64, summary/score [U] float32    written by finalize
+
+Every array is chunked along samples by `chunk_samples` (one zarr chunk row per probe chunk) and
+along units by `unit_chunk`, compressed with Blosc/Zstd and protected by a crc32c checksum. Each
+probe chunk writes whole zarr chunks only, so a rewritten chunk never depends on what a killed run
+left behind. Progress lives in `progress.json` (replaced atomically after a chunk's arrays are all
+written; finalize moves it into the root attrs and deletes the file); root attrs are written at
+creation and at finalize only. Partial sums are float64 in a
+fixed order, so a resumed probe gives a store bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from tinyonn.errors import TinyONNError
+
+SCHEMA_VERSION = 1
+UNIT_STATS = ("act", "freq", "grad", "taylor")
+"""Per-unit statistics, each [n, U]."""
+HEAD_STATS = ("head_out", "head_grad")
+"""Per-head statistics, each [n, H]."""
+PROGRESS_FILE = "progress.json"
+RESERVED_ATTRS = ("schema_version", "n_samples", "n_units", "n_heads", "chunk_samples", "unit_chunk",
+                  "per_sample", "categories", "complete_chunks", "finalized")
+"""Root attrs the store owns; caller attrs may not use these names."""
+
+_SUMMARY_READ_BYTES = 256 << 20
+"""How many bytes of partials finalize reads at a time."""
+
+
+class ScoreStoreError(TinyONNError, ValueError):
+    """A score store is missing pieces, does not match the run, or is not a Tiny-ONN store."""
+
+
+class ScoreStoreNotFoundError(TinyONNError, FileNotFoundError):
+    """No score store at the given path."""
+
+
+@dataclass(frozen=True)
+class ChunkStats:
+    """The probe's statistics for one chunk: rows are samples start..stop in order (n = stop - start).
+
+    Float fields are float32 (other float dtypes are cast); `n_tokens` is integer.
+    """
+
+    act: np.ndarray
+    """[n, U] mean |h| over the sample's response tokens."""
+    freq: np.ndarray
+    """[n, U] fraction of response tokens where the unit fires."""
+    grad: np.ndarray
+    """[n, U] squared norm of dl_i/d(unit parameters)."""
+    taylor: np.ndarray
+    """[n, U] |sum_t h * dl/dh|."""
+    head_out: np.ndarray
+    """[n, H] (H may be 0)."""
+    head_grad: np.ndarray
+    """[n, H]."""
+    loss: np.ndarray
+    """[n] mean response NLL."""
+    n_tokens: np.ndarray
+    """[n] response tokens."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+class ScoreStoreWriter:
+    """Creates or resumes a score store and writes it one probe chunk at a time (single writer)."""
+
+    def __init__(self, path: Path, layout: _Layout, complete: set[int], finalized: bool):
+        """Use `ScoreStoreWriter.open`."""
+        self.path = path
+        self._layout = layout
+        self._group = zarr.open_group(path, mode="r+")
+        self._complete = set(complete)
+        self._finalized = finalized
+        self._fingerprint = str(self._group.attrs["fingerprint"])
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        units_layer: Sequence[int] | np.ndarray,
+        units_index: Sequence[int] | np.ndarray,
+        heads_layer: Sequence[int] | np.ndarray,
+        heads_index: Sequence[int] | np.ndarray,
+        categories: Sequence[str],
+        sample_category: Sequence[int] | np.ndarray,
+        source_index: Sequence[int] | np.ndarray,
+        chunk_samples: int,
+        per_sample: bool,
+        attrs: dict[str, Any],
+        unit_chunk: int = 8192,
+        units_down_norm: Sequence[float] | np.ndarray | None = None,
+        overwrite: bool = False,
+    ) -> ScoreStoreWriter:
+        """Create the store at `path`, or resume the unfinished one there with the same fingerprint.
+
+        `attrs` (JSON) go to the root attrs and must hold a `fingerprint` string identifying the run;
+        an existing store with another fingerprint is an error unless `overwrite=True`. A finalized
+        store with the same fingerprint is returned as is (every chunk complete). The attrs of the
+        run that created the store are kept on resume.
+        """
+        path = Path(path)
+        _check_attrs(attrs)
+        layout = _Layout.build(
+            units_layer=units_layer, units_index=units_index, heads_layer=heads_layer,
+            heads_index=heads_index, categories=categories, sample_category=sample_category,
+            source_index=source_index, chunk_samples=chunk_samples, per_sample=per_sample,
+            unit_chunk=unit_chunk, units_down_norm=units_down_norm)
+        fingerprint = attrs["fingerprint"]
+        if path.exists() and not _is_empty_dir(path):
+            if overwrite:
+                _remove_store(path)
+            else:
+                return cls._resume(path, layout, fingerprint)
+        _create(path, layout, attrs)
+        return cls(path, layout, set(), finalized=False)
+
+    @classmethod
+    def _resume(cls, path: Path, layout: _Layout, fingerprint: str) -> ScoreStoreWriter:
+        group = _open_tinyonn_group(path, mode="r+", hint="pass overwrite=True to replace it, or use another path")
+        stored = group.attrs.get("fingerprint")
+        if stored != fingerprint:
+            raise ScoreStoreError(
+                f"{path}: the score store there belongs to another run (fingerprint {stored!r}, this run "
+                f"{fingerprint!r}); pass overwrite=True to replace it, or use another path")
+        layout.check_matches(group, path)
+        if group.attrs.get("finalized", False):
+            return cls(path, layout, set(range(layout.n_chunks)), finalized=True)
+        return cls(path, layout, _read_progress(path, fingerprint), finalized=False)
+
+    # -- chunks
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of probe chunks, ceil(n_samples / chunk_samples)."""
+        return self._layout.n_chunks
+
+    def chunk_range(self, k: int) -> tuple[int, int]:
+        """Samples [start, stop) of chunk k."""
+        return self._layout.chunk_range(k)
+
+    def completed_chunks(self) -> set[int]:
+        """Chunks whose arrays are all written."""
+        return set(self._complete)
+
+    def pending_chunks(self) -> list[int]:
+        """Chunks still to compute, in order."""
+        return [k for k in range(self.n_chunks) if k not in self._complete]
+
+    @property
+    def finalized(self) -> bool:
+        return self._finalized
+
+    def write_chunk(self, k: int, stats: ChunkStats) -> None:
+        """Write chunk k's per-sample rows, sample columns and partial sums, then mark it complete."""
+        if self._finalized:
+            raise ScoreStoreError(f"{self.path}: the store is finalized; chunk {k} cannot be rewritten")
+        lay = self._layout
+        start, stop = lay.chunk_range(k)
+        arrays = _validate_stats(stats, stop - start, lay.n_units, lay.n_heads)
+        group = self._group
+        stat_names = UNIT_STATS + (HEAD_STATS if lay.n_heads else ())
+        if lay.per_sample:
+            for name in stat_names:
+                group[f"per_sample/{name}"][start:stop] = arrays[name].astype(np.float16)
+        group["samples/n_tokens"][start:stop] = arrays["n_tokens"]
+        group["samples/loss"][start:stop] = arrays["loss"]
+        cats = lay.sample_category[start:stop]
+        masks = [cats == c for c in range(len(lay.categories))]
+        for name in stat_names:
+            group[f"partials/{name}"][k] = _category_sums(arrays[name], masks)
+        group["partials/count"][k] = np.array([m.sum() for m in masks], dtype=np.int64)
+        self._complete.add(k)
+        _write_progress(self.path, self._fingerprint, self._complete)
+
+    # -- finalize
+
+    def finalize(
+        self,
+        score_fn: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
+        score_attrs: dict[str, Any] | None = None,
+    ) -> ScoreStore:
+        """Write the summaries (means over all samples and per category) and `summary/score`.
+
+        `score_fn` gets {"act", "freq", "grad", "taylor"[, "down_norm"]} as float32 [U] arrays
+        and returns the [U] score; `score_attrs` (JSON) are merged into the root attrs. A store that
+        is already finalized is returned unchanged (use `tinyonn.scores.score_store` to rescore).
+        """
+        if self._finalized:
+            return ScoreStore.open(self.path)
+        if score_attrs is not None:
+            _check_attrs(score_attrs, need_fingerprint=False, what="score_attrs")
+        missing = self.pending_chunks()
+        if missing:
+            raise ScoreStoreError(
+                f"{self.path}: cannot finalize, {len(missing)} of {self.n_chunks} chunks are not written: "
+                f"{_format_ids(missing)}")
+        lay, group = self._layout, self._group
+        counts = np.asarray(group["partials/count"][:], dtype=np.int64).sum(axis=0)
+        if int(counts.sum()) != lay.n_samples:
+            raise ScoreStoreError(f"{self.path}: partial counts add up to {int(counts.sum())} samples, "
+                                  f"expected {lay.n_samples}; the store is damaged")
+        _put(group, "summary/by_category/count", counts, chunks=counts.shape)
+        means: dict[str, np.ndarray] = {}
+        for name in UNIT_STATS + (HEAD_STATS if lay.n_heads else ()):
+            sums = _sum_partials(group[f"partials/{name}"])
+            by_category = np.full(sums.shape, np.nan)
+            np.divide(sums, counts[:, None], out=by_category, where=counts[:, None] > 0)
+            means[name] = (sums.sum(axis=0) / lay.n_samples).astype(np.float32)
+            width = min(sums.shape[1], lay.unit_chunk)
+            _put(group, f"summary/{name}", means[name], chunks=(width,))
+            _put(group, f"summary/by_category/{name}", by_category.astype(np.float32),
+                 chunks=(len(lay.categories), width))
+        if score_fn is not None:
+            inputs = score_inputs(means, lay.units_down_norm)
+            score = np.asarray(score_fn(inputs), dtype=np.float32)
+            if score.shape != (lay.n_units,):
+                raise ScoreStoreError(f"score_fn returned shape {score.shape}, expected ({lay.n_units},)")
+            _put(group, "summary/score", score, chunks=(min(lay.n_units, lay.unit_chunk),))
+        final_attrs = dict(score_attrs or {})
+        final_attrs.update(complete_chunks=list(range(self.n_chunks)), finalized=True)
+        group.update_attributes(final_attrs)
+        # root attrs now hold the progress; without the file, zarr's member listing has nothing foreign
+        (self.path / PROGRESS_FILE).unlink(missing_ok=True)
+        self._finalized = True
+        return ScoreStore.open(self.path)
+
+    def __repr__(self) -> str:
+        return (f"ScoreStoreWriter({str(self.path)!r}, {len(self._complete)}/{self.n_chunks} chunks"
+                f"{', finalized' if self._finalized else ''})")
+
+
+def score_inputs(means: dict[str, np.ndarray], down_norm: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The dict a score function receives: the float32 [U] unit summaries and `down_norm` if known."""
+    inputs = {name: means[name] for name in UNIT_STATS}
+    if down_norm is not None:
+        inputs["down_norm"] = np.asarray(down_norm, dtype=np.float32)
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class ScoreStore:
+    """A score store opened read-only; arrays are lazy (slicing reads only the chunks it touches)."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        """Use `ScoreStore.open`."""
+        self.path = path
+        self._group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ScoreStore:
+        """Open the store at `path` read-only."""
+        path = Path(path)
+        return cls(path, _open_tinyonn_group(path, mode="r"))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.attrs["n_samples"])
+
+    @property
+    def n_units(self) -> int:
+        return int(self.attrs["n_units"])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.attrs["n_heads"])
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.attrs["categories"])
+
+    @property
+    def finalized(self) -> bool:
+        return bool(self.attrs.get("finalized", False))
+
+    @property
+    def has_per_sample(self) -> bool:
+        """Whether the [N, U] per-sample arrays were kept."""
+        return bool(self.attrs.get("per_sample", False))
+
+    def has(self, name: str) -> bool:
+        """Whether array `name` (e.g. "units/down_norm") exists."""
+        try:
+            node = self._group[name]
+        except KeyError:
+            return False
+        return isinstance(node, zarr.Array)
+
+    def array(self, name: str) -> zarr.Array:
+        """The lazy zarr array `name`, e.g. "per_sample/grad"."""
+        if not self.has(name):
+            raise ScoreStoreError(f"{self.path}: no array {name!r}; arrays: {', '.join(self._array_names())}")
+        return self._group[name]
+
+    def summary_of(self, stat: str) -> np.ndarray:
+        """summary/<stat>: the mean over all samples ([U], or [H] for head stats; "score" too)."""
+        return np.asarray(self._summary_array(f"summary/{stat}")[:])
+
+    def by_category(self, stat: str) -> dict[str, np.ndarray]:
+        """Category → mean of `stat` over that category's samples (NaN where it has none)."""
+        table = np.asarray(self._summary_array(f"summary/by_category/{stat}")[:])
+        return {name: table[c] for c, name in enumerate(self.categories)}
+
+    def category_counts(self) -> dict[str, int]:
+        """Category → number of samples."""
+        counts = np.bincount(np.asarray(self._group["samples/category"][:]), minlength=len(self.categories))
+        return {name: int(counts[c]) for c, name in enumerate(self.categories)}
+
+    def units(self) -> tuple[np.ndarray, np.ndarray]:
+        """(layer, index) of every unit, [U] each."""
+        return np.asarray(self._group["units/layer"][:]), np.asarray(self._group["units/index"][:])
+
+    def heads(self) -> tuple[np.ndarray, np.ndarray]:
+        """(layer, index) of every attention head, [H] each (empty when H = 0)."""
+        if not self.n_heads:
+            return np.zeros(0, np.int16), np.zeros(0, np.int16)
+        return np.asarray(self._group["heads/layer"][:]), np.asarray(self._group["heads/index"][:])
+
+    def down_norm(self) -> np.ndarray | None:
+        """units/down_norm [U] float32 (norm of each unit's down_proj column), or None if not stored."""
+        return np.asarray(self._group["units/down_norm"][:]) if self.has("units/down_norm") else None
+
+    def score_inputs(self) -> dict[str, np.ndarray]:
+        """The dict `finalize` gave the score function: unit summaries and `down_norm` if stored."""
+        return score_inputs({name: self.summary_of(name) for name in UNIT_STATS}, self.down_norm())
+
+    def summary(self, file: TextIO | None = sys.stdout) -> str:
+        """A readable table (also printed to `file` unless None): samples, then one row per layer."""
+        text = _format_summary(self)
+        if file is not None:
+            print(text, file=file)
+        return text
+
+    def _summary_array(self, name: str) -> zarr.Array:
+        if not self.finalized:
+            done = len(_read_progress(self.path, None)) if (self.path / PROGRESS_FILE).exists() else 0
+            raise ScoreStoreError(f"{self.path}: not finalized ({done} of "
+                                  f"{math.ceil(self.n_samples / self.attrs['chunk_samples'])} chunks written); "
+                                  "summaries exist only after the probe finishes")
+        return self.array(name)
+
+    def _array_names(self) -> list[str]:
+        return sorted(name for name, node in self._group.members(max_depth=None) if isinstance(node, zarr.Array))
+
+    def __repr__(self) -> str:
+        return (f"ScoreStore({str(self.path)!r}, samples={self.n_samples}, units={self.n_units}, "
+                f"heads={self.n_heads}, finalized={self.finalized})")
+
+
+def _format_summary(store: ScoreStore) -> str:
+    attrs = store.attrs
+    counts = store.category_counts()
+    n_chunks = math.ceil(store.n_samples / attrs["chunk_samples"])
+    done = n_chunks if store.finalized else len(_read_progress(store.path, None))
+    lines = [
+        f"score store  {store.path}",
+        f"teacher      {_short(attrs.get('teacher'))}",
+        f"samples      {store.n_samples}  (" + ", ".join(f"{c}: {n}" for c, n in counts.items()) + ")",
+        f"chunks       {done}/{n_chunks} complete, {'finalized' if store.finalized else 'NOT finalized'}",
+        f"per-sample   {'yes' if store.has_per_sample else 'no (aggregates only)'}",
+    ]
+    if "formula" in attrs:
+        lines.append(f"formula      {attrs['formula']}")
+    layer, _ = store.units()
+    head_layer, _ = store.heads()
+    layers = np.unique(layer)
+    lookup = np.searchsorted(layers, layer)
+    units_per = np.bincount(lookup, minlength=len(layers))
+    heads_per = {int(l): int(n) for l, n in zip(*np.unique(head_layer, return_counts=True))}
+    columns = ["act", "freq", "grad"] + (["score"] if store.has("summary/score") else [])
+    means = {}
+    if store.finalized:
+        for name in columns:
+            values = store.summary_of(name).astype(np.float64)
+            means[name] = np.bincount(lookup, weights=values, minlength=len(layers)) / units_per
+    header = f"{'layer':>5} {'units':>7} {'heads':>5}" + "".join(f" {'mean_' + c:>11}" for c in columns)
+    lines += ["", header]
+    for i, l in enumerate(layers):
+        row = f"{int(l):>5} {int(units_per[i]):>7} {heads_per.get(int(l), 0):>5}"
+        row += "".join(f" {means[c][i]:>11.4g}" if means else f" {'-':>11}" for c in columns)
+        lines.append(row)
+    lines.append(f"{'all':>5} {store.n_units:>7} {store.n_heads:>5}"
+                 + "".join(f" {float(np.mean(store.summary_of(c), dtype=np.float64)):>11.4g}"
+                           if means else f" {'-':>11}" for c in columns))
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "(not recorded)"
+    if isinstance(value, dict):
+        for key in ("name", "id", "path"):
+            if key in value:
+                return str(value[key])
+        return json.dumps(value, sort_keys=True)[:100]
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: validated creation arguments
+
+
+@dataclass(frozen=True)
+class _Layout:
+    units_layer: np.ndarray
+    units_index: np.ndarray
+    units_down_norm: np.ndarray | None
+    heads_layer: np.ndarray
+    heads_index: np.ndarray
+    categories: tuple[str, ...]
+    sample_category: np.ndarray
+    source_index: np.ndarray
+    chunk_samples: int
+    per_sample: bool
+    unit_chunk: int
+
+    @classmethod
+    def build(cls, *, units_layer, units_index, heads_layer, heads_index, categories, sample_category,
+              source_index, chunk_samples, per_sample, unit_chunk, units_down_norm) -> _Layout:
+        units_layer = _int_vector(units_layer, np.int16, "units_layer")
+        units_index = _int_vector(units_index, np.int32, "units_index")
+        if len(units_layer) == 0 or len(units_index) != len(units_layer):
+            raise ScoreStoreError(f"units_layer and units_index must have the same length > 0, got "
+                                  f"{len(units_layer)} and {len(units_index)}")
+        heads_layer = _int_vector(heads_layer, np.int16, "heads_layer")
+        heads_index = _int_vector(heads_index, np.int16, "heads_index")
+        if len(heads_index) != len(heads_layer):
+            raise ScoreStoreError(f"heads_layer and heads_index must have the same length, got "
+                                  f"{len(heads_layer)} and {len(heads_index)}")
+        categories = tuple(categories)
+        if not categories or not all(isinstance(c, str) for c in categories) or len(set(categories)) != len(categories):
+            raise ScoreStoreError(f"categories must be distinct strings, at least one; got {list(categories)!r}")
+        sample_category = _int_vector(sample_category, np.int16, "sample_category")
+        if len(sample_category) == 0:
+            raise ScoreStoreError("sample_category is empty: a score store needs at least one sample")
+        bad = (sample_category < 0) | (sample_category >= len(categories))
+        if bad.any():
+            raise ScoreStoreError(f"sample_category[{int(np.argmax(bad))}] = {int(sample_category[bad][0])} is not "
+                                  f"a code into the {len(categories)} categories")
+        source_index = _int_vector(source_index, np.int64, "source_index")
+        if len(source_index) != len(sample_category):
+            raise ScoreStoreError(f"source_index has {len(source_index)} entries, sample_category "
+                                  f"{len(sample_category)}: both must have one per sample")
+        if int(chunk_samples) < 1 or int(unit_chunk) < 1:
+            raise ScoreStoreError(f"chunk_samples and unit_chunk must be >= 1, got {chunk_samples}, {unit_chunk}")
+        if units_down_norm is not None:
+            units_down_norm = np.asarray(units_down_norm, dtype=np.float32)
+            if units_down_norm.shape != units_layer.shape:
+                raise ScoreStoreError(f"units_down_norm has shape {units_down_norm.shape}, expected "
+                                      f"({len(units_layer)},)")
+        return cls(units_layer, units_index, units_down_norm, heads_layer, heads_index, categories,
+                   sample_category, source_index, int(chunk_samples), bool(per_sample), int(unit_chunk))
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.sample_category)
+
+    @property
+    def n_units(self) -> int:
+        return len(self.units_layer)
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads_layer)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_samples / self.chunk_samples)
+
+    def chunk_range(self, k: int) -> tuple[int, int]:
+        if not 0 <= k < self.n_chunks:
+            raise ScoreStoreError(f"chunk {k} out of range: the store has chunks 0..{self.n_chunks - 1}")
+        return k * self.chunk_samples, min(self.n_samples, (k + 1) * self.chunk_samples)
+
+    def root_attrs(self) -> dict[str, Any]:
+        return dict(schema_version=SCHEMA_VERSION, n_samples=self.n_samples, n_units=self.n_units,
+                    n_heads=self.n_heads, chunk_samples=self.chunk_samples, unit_chunk=self.unit_chunk,
+                    per_sample=self.per_sample, categories=list(self.categories), complete_chunks=[],
+                    finalized=False)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays written at creation."""
+        arrays = {"samples/category": self.sample_category, "samples/source_index": self.source_index,
+                  "units/layer": self.units_layer, "units/index": self.units_index}
+        if self.units_down_norm is not None:
+            arrays["units/down_norm"] = self.units_down_norm
+        if self.n_heads:
+            arrays["heads/layer"] = self.heads_layer
+            arrays["heads/index"] = self.heads_index
+        return arrays
+
+    def check_matches(self, group: zarr.Group, path: Path) -> None:
+        """Raise if the store in `group` was created with other samples, units or settings."""
+        expected = self.root_attrs()
+        for key in ("n_samples", "n_units", "n_heads", "chunk_samples", "unit_chunk", "per_sample", "categories"):
+            if group.attrs.get(key) != expected[key]:
+                raise ScoreStoreError(
+                    f"{path}: same fingerprint but {key} differs (store {group.attrs.get(key)!r}, this run "
+                    f"{expected[key]!r}); the fingerprint must cover it — pass overwrite=True or another path")
+        arrays = self.arrays()
+        for name in sorted(set(arrays) | {"units/down_norm"}):
+            want = arrays.get(name)
+            have = np.asarray(group[name][:]) if name in group else None
+            if (want is None) != (have is None) or (want is not None and not np.array_equal(want, have)):
+                raise ScoreStoreError(
+                    f"{path}: same fingerprint but {name} differs from this run's; pass overwrite=True or "
+                    "another path")
+
+
+# --------------------------------------------------------------------------------------------
+# Creation and progress
+
+
+def _create(path: Path, layout: _Layout, attrs: dict[str, Any]) -> None:
+    """Build the whole store in a sibling temp folder, then move it into place (never half-created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+    try:
+        group = zarr.open_group(tmp, mode="w-")
+        n, u, h, c, k = layout.n_samples, layout.n_units, layout.n_heads, len(layout.categories), layout.n_chunks
+        cs, uc = layout.chunk_samples, min(layout.n_units, layout.unit_chunk)
+        for name, values in layout.arrays().items():
+            _put(group, name, values, chunks=(cs,) if name.startswith("samples/") else (min(len(values), uc),))
+        _empty(group, "samples/n_tokens", (n,), (cs,), np.int32, fill=-1)
+        _empty(group, "samples/loss", (n,), (cs,), np.float32)
+        stats = [(name, u, uc, "unit") for name in UNIT_STATS] + [(name, h, h, "head") for name in HEAD_STATS if h]
+        for name, width, w_chunk, axis in stats:
+            if layout.per_sample:
+                _empty(group, f"per_sample/{name}", (n, width), (cs, w_chunk), np.float16, dims=("sample", axis))
+            _empty(group, f"partials/{name}", (k, c, width), (1, c, w_chunk), np.float64,
+                   dims=("chunk", "category", axis))
+        _empty(group, "partials/count", (k, c), (1, c), np.int64, fill=0, dims=("chunk", "category"))
+        group.update_attributes({**attrs, **layout.root_attrs()})
+        _write_progress(tmp, attrs["fingerprint"], set())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _codecs(dtype: np.dtype) -> list:
+    """Blosc/Zstd (bit-shuffled for float16) followed by a crc32c checksum."""
+    shuffle = "bitshuffle" if np.dtype(dtype) == np.float16 else "shuffle"
+    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
+
+
+def _empty(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype,
+           fill: Any = None, dims: tuple[str, ...] | None = None) -> zarr.Array:
+    """Create an array (float fill: NaN, so unwritten rows stand out)."""
+    if fill is None:
+        fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                              compressors=_codecs(dtype), dimension_names=dims, overwrite=True,
+                              config={"write_empty_chunks": True})
+
+
+def _put(group: zarr.Group, name: str, values: np.ndarray, chunks: tuple[int, ...]) -> None:
+    array = _empty(group, name, values.shape, chunks, values.dtype)
+    array[...] = values
+
+
+def _write_progress(path: Path, fingerprint: str, complete: set[int]) -> None:
+    """Replace progress.json atomically (temp file, fsync, os.replace, fsync of the folder)."""
+    target = path / PROGRESS_FILE
+    tmp = path / f".{PROGRESS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"fingerprint": fingerprint, "complete_chunks": sorted(complete)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(path)
+
+
+def _read_progress(path: Path, fingerprint: str | None) -> set[int]:
+    target = path / PROGRESS_FILE
+    if not target.exists():
+        return set()
+    try:
+        progress = json.loads(target.read_text())
+    except json.JSONDecodeError as e:
+        raise ScoreStoreError(f"{target}: unreadable progress file ({e})") from e
+    if fingerprint is not None and progress.get("fingerprint") != fingerprint:
+        raise ScoreStoreError(f"{target}: progress belongs to fingerprint {progress.get('fingerprint')!r}, "
+                              f"the store to {fingerprint!r}; the store is damaged")
+    return {int(k) for k in progress.get("complete_chunks", [])}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_tinyonn_group(path: Path, mode: str, hint: str = "") -> zarr.Group:
+    if not path.exists():
+        raise ScoreStoreNotFoundError(f"{path}: no score store there")
+    if not (path / "zarr.json").is_file():
+        raise ScoreStoreError(f"{path}: not a Zarr group, so not a Tiny-ONN score store"
+                              + (f"; {hint}" if hint else ""))
+    group = zarr.open_group(path, mode=mode)
+    version = group.attrs.get("schema_version")
+    if version is None or "n_units" not in group.attrs:
+        raise ScoreStoreError(f"{path}: a Zarr group but not a Tiny-ONN score store" + (f"; {hint}" if hint else ""))
+    if version != SCHEMA_VERSION:
+        raise ScoreStoreError(f"{path}: score store schema {version}, this Tiny-ONN reads {SCHEMA_VERSION}")
+    return group
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _remove_store(path: Path) -> None:
+    """Delete an existing Zarr store at `path`; refuse anything else."""
+    if path.is_dir() and (path / "zarr.json").is_file():
+        shutil.rmtree(path)
+    else:
+        raise ScoreStoreError(f"{path}: exists and is not a Zarr store; refusing to overwrite it — remove it "
+                              "yourself or choose another path")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _check_attrs(attrs: dict[str, Any], need_fingerprint: bool = True, what: str = "attrs") -> None:
+    if not isinstance(attrs, dict):
+        raise ScoreStoreError(f"{what} must be a dict, got {type(attrs).__name__}")
+    if need_fingerprint and not (isinstance(attrs.get("fingerprint"), str) and attrs["fingerprint"]):
+        raise ScoreStoreError(f'{what} must hold a non-empty "fingerprint" string identifying the run '
+                              "(it decides whether an existing store is resumed)")
+    clash = sorted(set(attrs) & set(RESERVED_ATTRS))
+    if clash:
+        raise ScoreStoreError(f"{what} may not set {', '.join(clash)}: the store writes these itself")
+    try:
+        json.dumps(attrs)
+    except (TypeError, ValueError) as e:
+        raise ScoreStoreError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def _int_vector(values, dtype, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ScoreStoreError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ScoreStoreError(f"{name} must hold integers, got dtype {array.dtype}")
+    info = np.iinfo(dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise ScoreStoreError(f"{name} has values outside {np.dtype(dtype).name}")
+    return array.astype(dtype)
+
+
+def _validate_stats(stats: ChunkStats, n: int, n_units: int, n_heads: int) -> dict[str, np.ndarray]:
+    """Check every field's shape and dtype; return float32 / int32 arrays by field name."""
+    shapes = {name: (n, n_units) for name in UNIT_STATS} | {name: (n, n_heads) for name in HEAD_STATS}
+    shapes |= {"loss": (n,), "n_tokens": (n,)}
+    out = {}
+    for f in fields(ChunkStats):
+        value = np.asarray(getattr(stats, f.name))
+        if value.shape != shapes[f.name]:
+            raise ScoreStoreError(f"ChunkStats.{f.name} has shape {value.shape}, expected {shapes[f.name]}")
+        if f.name == "n_tokens":
+            if value.size and not np.issubdtype(value.dtype, np.integer):
+                raise ScoreStoreError(f"ChunkStats.n_tokens must be integer, got {value.dtype}")
+            out[f.name] = value.astype(np.int32)
+        else:
+            if value.size and not np.issubdtype(value.dtype, np.floating):
+                raise ScoreStoreError(f"ChunkStats.{f.name} must be floating point, got {value.dtype}")
+            out[f.name] = np.ascontiguousarray(value, dtype=np.float32)
+    return out
+
+
+def _category_sums(values: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
+    """[C, width] float64 sums of the rows of each category, in a fixed order."""
+    return np.stack([values[m].sum(axis=0, dtype=np.float64) for m in masks])
+
+
+def _sum_partials(array: zarr.Array) -> np.ndarray:
+    """Sum [K, C, W] partials over chunks strictly in order 0..K-1, reading a block at a time."""
+    k, c, w = array.shape
+    total = np.zeros((c, w), dtype=np.float64)
+    block = max(1, _SUMMARY_READ_BYTES // max(1, c * w * 8))
+    for start in range(0, k, block):
+        for row in np.asarray(array[start:start + block]):
+            total += row
+    return total
+
+
+def _format_ids(ids: list[int], limit: int = 20) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")

@@ -1,0 +1,96 @@
+"""Exact per-sample statistics of FFN units and attention heads, as pure functions of one sample.
+
+For one sample with T positions, MLP input x [T, d], gate/up pre-activations g, u [T, I],
+h = silu(g) * u [T, I], and the loss gradients δ = ∂l/∂y [T, d], a = ∂l/∂g, b = ∂l/∂u [T, I]:
+
+    ‖∂l/∂W_down[:, j]‖² = h_jᵀ (δ δᵀ) h_j      ‖∂l/∂W_gate[j, :]‖² = a_jᵀ (x xᵀ) a_j      (b likewise)
+
+so two T×T Gram matrices give every unit's exact per-sample gradient norm without forming a
+weight gradient (`gram`), or the per-sample gradient is formed and its columns summed (`direct`);
+`choose_method` picks the cheaper for the shape. Every function here works on a single sample;
+`torch.func.vmap` maps them over a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gram_flops(t: int, d: int, i: int) -> int:
+    """FLOPs of the Gram route for one sample and layer: two T×T Grams, three T×T×I products."""
+    return 2 * t * t * d * 2 + 3 * 2 * t * t * i
+
+
+def direct_flops(t: int, d: int, i: int) -> int:
+    """FLOPs of materialising the three per-sample weight gradients (d×I each)."""
+    return 3 * 2 * t * d * i
+
+
+def choose_method(method: str, t: int, d: int, i: int) -> str:
+    if method != "auto":
+        return method
+    return "gram" if gram_flops(t, d, i) < direct_flops(t, d, i) else "direct"
+
+
+def _weighted_gram_norms(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """cᵀ G c for every column c of `columns` [T, I] → [I] (fp32)."""
+    return ((gram @ columns).float() * columns.float()).sum(0)
+
+
+def unit_grad_sq(x: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 method: str = "gram") -> torch.Tensor:
+    """Squared per-sample gradient norm of every unit's parameters (gate row, up row, down column).
+
+    x [T, d], h [T, I], delta [T, d], a [T, I], b [T, I] → [I] in fp32. Positions that do not
+    influence the loss have δ = a = b = 0 and contribute nothing.
+    """
+    if method == "gram":
+        down = _weighted_gram_norms(delta @ delta.T, h)
+        gram_x = x @ x.T
+        return down + _weighted_gram_norms(gram_x, a) + _weighted_gram_norms(gram_x, b)
+    if method == "direct":
+        down = (delta.T @ h).float().square().sum(0)
+        gate = (a.T @ x).float().square().sum(1)
+        up = (b.T @ x).float().square().sum(1)
+        return down + gate + up
+    raise ValueError(f"unknown gradient method {method!r}: use 'gram' or 'direct'")
+
+
+def unit_activation_stats(h: torch.Tensor, dh: torch.Tensor, response: torch.Tensor,
+                          valid: torch.Tensor, freq_threshold: float) -> tuple[torch.Tensor, ...]:
+    """Mean |h|, firing frequency over the response tokens, and the Taylor term |Σ_t h·∂l/∂h|.
+
+    h, dh [T, I]; response, valid [T] (0/1). A unit fires on a token when |h| exceeds
+    `freq_threshold` times the token's RMS of h over the layer's units.
+    """
+    h32 = h.float()
+    weight = response.to(h32.dtype)
+    count = weight.sum().clamp_min(1.0)
+    magnitude = h32.abs()
+    act = (weight @ magnitude) / count  # token sums as mat-vecs: one pass, no [T, I] temporaries
+    rms = h32.square().mean(1).sqrt()
+    fires = (magnitude > freq_threshold * rms[:, None]).to(h32.dtype)
+    freq = (weight @ fires) / count
+    taylor = (valid.to(h32.dtype) @ (h32 * dh.float())).abs()
+    return act, freq, taylor
+
+
+def head_stats(z: torch.Tensor, delta_o: torch.Tensor, response: torch.Tensor, num_heads: int,
+               method: str = "gram") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: mean output norm over response tokens and per-sample ‖∂l/∂W_o[:, head]‖.
+
+    z [T, H·hd] is the input of o_proj (the heads' outputs side by side), delta_o [T, d] the loss
+    gradient of o_proj's output.
+    """
+    t = z.shape[0]
+    zh = z.reshape(t, num_heads, -1)
+    weight = response.float()
+    out_norm = (zh.float().norm(dim=-1) * weight[:, None]).sum(0) / weight.sum().clamp_min(1.0)
+    if method == "gram":
+        gram_o = (delta_o @ delta_o.T).float()
+        gram_z = torch.einsum("thk,shk->hts", zh, zh).float()
+        grad_sq = (gram_z * gram_o).sum((1, 2))
+    else:
+        per_sample = torch.einsum("td,thk->hdk", delta_o, zh).float()
+        grad_sq = per_sample.square().sum((1, 2))
+    return out_norm, grad_sq.clamp_min(0).sqrt()
