@@ -154,10 +154,39 @@ def run_shape(shape: str, iters: int) -> dict:
     return out
 
 
+def profile_shape(shape: str) -> None:
+    """Kernel-time tables of one training step and one probe batch (diagnosis, no JSON)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinyonn.config import ProbeConfig
+    from tinyonn.probe import probe_batch
+
+    model = make_model(shape)
+    batch = make_batch(model.config.vocab_size)
+    ids, labels = batch.input_ids.to(DEVICE), batch.labels.to(DEVICE)
+
+    def train_step():
+        model(input_ids=ids, labels=labels).loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    config = ProbeConfig(dtype="bfloat16")
+    for name, step, grad in (("train", train_step, True), ("probe", lambda: probe_batch(model, batch, config), False)):
+        model.requires_grad_(grad)
+        step(); step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"==== {shape} {name}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
+
 def main(argv=None) -> int:
     global DEVICE, SEQ
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["0.6B", "4B"])
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of train and probe")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe.json"))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -176,6 +205,10 @@ def main(argv=None) -> int:
         "batch": [BATCH, SEQ],
         "shapes": {},
     }
+    if args.profile:
+        for shape in args.shapes:
+            profile_shape(shape)
+        return 0
     for shape in args.shapes:
         started = time.time()
         results["shapes"][shape] = run_shape(shape, args.iters)

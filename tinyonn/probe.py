@@ -141,6 +141,10 @@ def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLa
     ]
     input_ids = batch.input_ids.to(device)
     attention_mask = batch.attention_mask.to(device)
+    # Right padding needs no mask: under the causal mask no real token sees a pad, and pads carry
+    # no loss, so their gradients are exactly zero. Without a mask, attention runs the fused
+    # causal kernel instead of a masked one.
+    right_padded = bool((batch.attention_mask[:, 1:] <= batch.attention_mask[:, :-1]).all())
     labels = batch.labels.to(device)
     response = (labels != -100).long()
     for capture in captures:
@@ -148,7 +152,7 @@ def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLa
     embed_hook = _embedding_module(model).register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     try:
         with torch.enable_grad():
-            losses = response_loss(model, input_ids, attention_mask, labels)
+            losses = response_loss(model, input_ids, None if right_padded else attention_mask, labels)
             losses.sum().backward()
     finally:
         embed_hook.remove()
