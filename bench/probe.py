@@ -1,8 +1,10 @@
 """Probe throughput against a training step and the naive per-sample route (GPU).
 
 For each shape (Qwen3-0.6B and Qwen3-4B sizes, random weights, batch 8×512), in one run:
-  train  — a plain training step: forward + backward with weight gradients (bf16 weights)
-  probe  — `tinyonn.probe.probe_batch` (bf16): forward + backward to activations + exact stats
+  train  — a plain training step: forward + backward with weight gradients (bf16 weights),
+           with the model under torch.compile (train_tok_s) and eager (train_eager_tok_s)
+  probe  — `tinyonn.probe.probe_batch` (bf16): forward + backward to activations + exact stats,
+           with the decoder glue compiled (probe_tok_s) and eager (probe_eager_tok_s)
   nf4    — the same probe on bitsandbytes nf4 weights (4B only)
   naive  — `torch.func.vmap(grad(...))` over the MLP and o_proj weights (null when it runs out of memory)
 Writes bench/results/probe.json and prints a table.
@@ -118,20 +120,28 @@ def run_shape(shape: str, iters: int) -> dict:
     gpu = {k: v.to(DEVICE) for k, v in (("input_ids", batch.input_ids), ("labels", batch.labels))}
     out: dict = {"batch": BATCH, "seq": SEQ, "parameters": sum(p.numel() for p in model.parameters())}
 
-    def train_step():
-        loss = model(input_ids=gpu["input_ids"], labels=gpu["labels"]).loss
+    compiled_model = torch.compile(model)
+
+    def train_step(net):
+        loss = net(input_ids=gpu["input_ids"], labels=gpu["labels"]).loss
         loss.backward()
         for p in model.parameters():
             p.grad = None
 
     model.requires_grad_(True)
-    seconds, peak = timed(train_step, iters)
+    seconds, peak = timed(lambda: train_step(model), iters)
+    out.update(train_eager_tok_s=tokens / seconds, train_eager_peak_gib=peak)
+    release()
+    seconds, peak = timed(lambda: train_step(compiled_model), iters)
     out.update(train_tok_s=tokens / seconds, train_peak_gib=peak)
     model.requires_grad_(False)
     release()
 
-    config = ProbeConfig(dtype="bfloat16")
-    seconds, peak = timed(lambda: probe_batch(model, batch, config), iters)
+    eager, compiled = ProbeConfig(dtype="bfloat16"), ProbeConfig(dtype="bfloat16", compile=True)
+    seconds, peak = timed(lambda: probe_batch(model, batch, eager), iters)
+    out.update(probe_eager_tok_s=tokens / seconds, probe_eager_peak_gib=peak)
+    release()
+    seconds, peak = timed(lambda: probe_batch(model, batch, compiled), iters)
     out.update(probe_tok_s=tokens / seconds, probe_peak_gib=peak)
     release()
 
@@ -146,11 +156,12 @@ def run_shape(shape: str, iters: int) -> dict:
 
     if shape == "4B" and DEVICE == "cuda":
         quantize_nf4(model)
-        seconds, peak = timed(lambda: probe_batch(model, batch, config), iters)
+        seconds, peak = timed(lambda: probe_batch(model, batch, compiled), iters)
         out.update(probe_nf4_tok_s=tokens / seconds, probe_nf4_peak_gib=peak)
     del model
     release()
     out["probe_over_train"] = out["probe_tok_s"] / out["train_tok_s"]
+    out["probe_over_train_eager"] = out["probe_eager_tok_s"] / out["train_eager_tok_s"]
     return out
 
 
@@ -165,12 +176,14 @@ def profile_shape(shape: str) -> None:
     batch = make_batch(model.config.vocab_size)
     ids, labels = batch.input_ids.to(DEVICE), batch.labels.to(DEVICE)
 
+    compiled_model = torch.compile(model)
+
     def train_step():
-        model(input_ids=ids, labels=labels).loss.backward()
+        compiled_model(input_ids=ids, labels=labels).loss.backward()
         for p in model.parameters():
             p.grad = None
 
-    config = ProbeConfig(dtype="bfloat16")
+    config = ProbeConfig(dtype="bfloat16", compile=True)
     for name, step, grad in (("train", train_step, True), ("probe", lambda: probe_batch(model, batch, config), False)):
         model.requires_grad_(grad)
         step(); step()

@@ -87,6 +87,9 @@ class ProbeConfig:
     quant: Literal["none", "nf4", "int8"] = "none"
     device: str | None = None
     max_samples: int | None = None
+    compile: bool = False
+    """Fuse the decoder's elementwise glue (norms, attention, SwiGLU) with torch.compile; the
+    projections stay eager modules so the probe's hooks see them (worth it on a GPU)."""
     sort_by_length: bool = True
     """Batch samples of similar length together inside a chunk (less padding); results keep the
     data set's order."""

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch.func import vmap
 
+from tinyonn import decoder
 from tinyonn.config import ProbeConfig
 from tinyonn.data import Batch, EncodedSample, Example, collate, encode_examples, per_sample_loss
 from tinyonn.teacher import FFNLayer, decoder_layers, dequantize, ffn_layout
-from tinyonn.unit_stats import choose_method, head_stats, unit_activation_stats, unit_grad_sq
+from tinyonn.unit_stats import choose_method, head_stats, layer_unit_stats
 
 
 @dataclass
@@ -68,11 +69,10 @@ class _LayerCapture:
 
     # forward hooks: keep the tensors, hook their gradients
     def _on_gate(self, module, inputs, output):
-        self.saved["x"], self.saved["g"] = inputs[0], output
+        self.saved["x"] = inputs[0]
         output.register_hook(lambda grad: self._on_grad("a", grad))
 
     def _on_up(self, module, inputs, output):
-        self.saved["u"] = output
         output.register_hook(lambda grad: self._on_grad("b", grad))
 
     def _on_down(self, module, inputs, output):
@@ -85,21 +85,16 @@ class _LayerCapture:
         output.register_hook(lambda grad: self._on_grad("delta_o", grad))
 
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
-        self.saved[name] = grad
         s, cfg = self.saved, self.config
+        s[name] = grad
         response, valid = self.masks
-        if name == "dh":  # h and ∂l/∂h are known: activation statistics
-            act, freq, taylor = vmap(unit_activation_stats, in_dims=(0, 0, 0, 0, None))(
-                s["h"], s["dh"], response, valid, cfg.freq_threshold)
-            self.result.update(act=act, freq=freq, taylor=taylor)
-            del s["dh"]
-        if all(k in s for k in ("delta", "a", "b")):  # the layer's three gradients are in
+        if all(k in s for k in ("delta", "dh", "a", "b")):  # the layer's gradients are all in
             t, d = s["x"].shape[1], s["x"].shape[2]
             method = choose_method(cfg.grad_method, t, d, s["h"].shape[2])
-            grad_sq = vmap(unit_grad_sq, in_dims=(0, 0, 0, 0, 0, None))(
-                s["x"], s["h"], s["delta"], s["a"], s["b"], method)
-            self.result["grad"] = grad_sq.clamp_min(0).sqrt()
-            for key in ("x", "g", "u", "h", "delta", "a", "b"):
+            act, freq, taylor, grad_norm = vmap(layer_unit_stats, in_dims=(0, 0, 0, 0, 0, 0, 0, 0, None, None))(
+                s["x"], s["h"], s["dh"], s["delta"], s["a"], s["b"], response, valid, cfg.freq_threshold, method)
+            self.result.update(act=act, freq=freq, taylor=taylor, grad=grad_norm)
+            for key in ("x", "h", "dh", "delta", "a", "b"):
                 s.pop(key, None)
         if name == "delta_o":
             t, d, width = s["z"].shape[1], s["delta_o"].shape[2], s["z"].shape[2]
@@ -116,11 +111,14 @@ class _LayerCapture:
         self.saved.clear()
 
 
-def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> torch.Tensor:
+def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  labels: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """Per-sample mean NLL over the response tokens, with the LM head applied only where a
     response token is predicted (the head is a large share of a small model's FLOPs)."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    if decoder.supports(model):
+        hidden = decoder.decoder_hidden_states(model, input_ids, attention_mask, compile=compile)
+    else:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     targets = labels[:, 1:]
     rows, cols = (targets != -100).nonzero(as_tuple=True)
     logits = model.get_output_embeddings()(hidden[rows, cols]).float()
@@ -152,7 +150,8 @@ def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLa
     embed_hook = _embedding_module(model).register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     try:
         with torch.enable_grad():
-            losses = response_loss(model, input_ids, None if right_padded else attention_mask, labels)
+            losses = response_loss(model, input_ids, None if right_padded else attention_mask, labels,
+                                   compile=config.compile)
             losses.sum().backward()
     finally:
         embed_hook.remove()

@@ -33,8 +33,8 @@ def choose_method(method: str, t: int, d: int, i: int) -> str:
 
 
 def _weighted_gram_norms(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """cᵀ G c for every column c of `columns` [T, I] → [I] (fp32)."""
-    return ((gram @ columns).float() * columns.float()).sum(0)
+    """cᵀ G c for every column c of `columns` [T, I] → [I], summed in fp32."""
+    return ((gram @ columns) * columns).sum(0, dtype=torch.float32)
 
 
 def unit_grad_sq(x: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -49,9 +49,9 @@ def unit_grad_sq(x: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, a: torch
         gram_x = x @ x.T
         return down + _weighted_gram_norms(gram_x, a) + _weighted_gram_norms(gram_x, b)
     if method == "direct":
-        down = (delta.T @ h).float().square().sum(0)
-        gate = (a.T @ x).float().square().sum(1)
-        up = (b.T @ x).float().square().sum(1)
+        down = (delta.T @ h).square().sum(0, dtype=torch.float32)
+        gate = (a.T @ x).square().sum(1, dtype=torch.float32)
+        up = (b.T @ x).square().sum(1, dtype=torch.float32)
         return down + gate + up
     raise ValueError(f"unknown gradient method {method!r}: use 'gram' or 'direct'")
 
@@ -61,18 +61,27 @@ def unit_activation_stats(h: torch.Tensor, dh: torch.Tensor, response: torch.Ten
     """Mean |h|, firing frequency over the response tokens, and the Taylor term |Σ_t h·∂l/∂h|.
 
     h, dh [T, I]; response, valid [T] (0/1). A unit fires on a token when |h| exceeds
-    `freq_threshold` times the token's RMS of h over the layer's units.
+    `freq_threshold` times the token's RMS of h over the layer's units. Token sums are mat-vecs in
+    h's dtype (fp32 accumulation on tensor cores); results are fp32.
     """
-    h32 = h.float()
-    weight = response.to(h32.dtype)
-    count = weight.sum().clamp_min(1.0)
-    magnitude = h32.abs()
-    act = (weight @ magnitude) / count  # token sums as mat-vecs: one pass, no [T, I] temporaries
-    rms = h32.square().mean(1).sqrt()
-    fires = (magnitude > freq_threshold * rms[:, None]).to(h32.dtype)
-    freq = (weight @ fires) / count
-    taylor = (valid.to(h32.dtype) @ (h32 * dh.float())).abs()
+    weight = response.to(h.dtype)
+    count = response.sum().float().clamp_min(1.0)
+    magnitude = h.abs()
+    act = (weight @ magnitude).float() / count
+    rms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32) / h.shape[-1] ** 0.5
+    fires = (magnitude > (freq_threshold * rms).to(h.dtype)[:, None]).to(h.dtype)
+    freq = (weight @ fires).float() / count
+    taylor = (valid.to(h.dtype) @ (h * dh)).float().abs()
     return act, freq, taylor
+
+
+def layer_unit_stats(x: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, delta: torch.Tensor, a: torch.Tensor,
+                     b: torch.Tensor, response: torch.Tensor, valid: torch.Tensor, freq_threshold: float,
+                     method: str) -> tuple[torch.Tensor, ...]:
+    """Everything the probe records for one layer's units and one sample: act, freq, taylor, grad."""
+    act, freq, taylor = unit_activation_stats(h, dh, response, valid, freq_threshold)
+    grad = unit_grad_sq(x, h, delta, a, b, method).clamp_min(0).sqrt()
+    return act, freq, taylor, grad
 
 
 def head_stats(z: torch.Tensor, delta_o: torch.Tensor, response: torch.Tensor, num_heads: int,
@@ -85,12 +94,13 @@ def head_stats(z: torch.Tensor, delta_o: torch.Tensor, response: torch.Tensor, n
     t = z.shape[0]
     zh = z.reshape(t, num_heads, -1)
     weight = response.float()
-    out_norm = (zh.float().norm(dim=-1) * weight[:, None]).sum(0) / weight.sum().clamp_min(1.0)
+    norms = torch.linalg.vector_norm(zh, dim=-1, dtype=torch.float32)
+    out_norm = (weight @ norms) / weight.sum().clamp_min(1.0)
     if method == "gram":
-        gram_o = (delta_o @ delta_o.T).float()
-        gram_z = torch.einsum("thk,shk->hts", zh, zh).float()
-        grad_sq = (gram_z * gram_o).sum((1, 2))
+        gram_o = delta_o @ delta_o.T
+        gram_z = torch.einsum("thk,shk->hts", zh, zh)
+        grad_sq = (gram_z * gram_o).sum((1, 2), dtype=torch.float32)
     else:
-        per_sample = torch.einsum("td,thk->hdk", delta_o, zh).float()
-        grad_sq = per_sample.square().sum((1, 2))
+        per_sample = torch.einsum("td,thk->hdk", delta_o, zh)
+        grad_sq = per_sample.square().sum((1, 2), dtype=torch.float32)
     return out_norm, grad_sq.clamp_min(0).sqrt()
