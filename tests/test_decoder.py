@@ -31,3 +31,17 @@ def test_builtin_teacher_forward_matches(tmp_path):
     reference = model(input_ids=ids).logits
     ours = model.lm_head(decoder_hidden_states(model, ids))
     assert (ours - reference).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_decoder_forward_other_families(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(0, 300, (2, 9))
+    reference = model(input_ids=ids).logits
+    ours = model.lm_head(decoder_hidden_states(model, ids))
+    assert (ours - reference).abs().max() < 1e-5

@@ -138,3 +138,18 @@ def test_ffn_layout_refuses_model_without_mlp_projections():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
     with pytest.raises(UnsupportedArchitectureError, match="supported"):
         ffn_layout(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_other_swiglu_families_load_and_lay_out(family, tmp_path, tiny_tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, _ = load_teacher(tmp_path)
+    layout = ffn_layout(model)
+    assert model.config.model_type == family
+    assert [(f.layer, f.hidden_size, f.intermediate_size) for f in layout] == [(0, 64, 128), (1, 64, 128)]

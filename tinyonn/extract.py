@@ -1,0 +1,173 @@
+"""From a plan to a measured sparse model: oracle routing, router warm-up, held-out evaluation.
+
+- Oracle routing: at every MoE layer and token, the experts holding the most activation mass of
+  the layer's own dense computation (|h_j| · ‖W_down[:, j]‖ summed over the expert's units), taken
+  in descending order within the unit budget. It is the best a router could do for this partition.
+- Router warm-up: experts frozen, each layer's router learns from the teacher which experts hold
+  the most activation mass per token (soft targets: the normalised mass over experts); recall@k
+  says how many of the oracle's top-k experts the router's top-k finds.
+- `evaluate_partitions` builds the same budget three ways (PIDiff-guided HDBSCAN, random split,
+  co-activation balanced k-means) and reports held-out perplexity per category for each, with
+  oracle routing and with the warmed router, into `report/extract.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tinyonn.config import DataConfig
+from tinyonn.data import Example, encode_examples, iter_batches, per_sample_loss, response_token_counts
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Router warm-up: experts frozen, routers fit the teacher's per-token expert mass."""
+
+    max_tokens: int = 60_000
+    epochs: int = 4
+    batch_tokens: int = 2048
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    recall_k: int = 4
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(max_length=256, batch_size=16))
+
+
+def expert_mass(h: torch.Tensor, down_norm: torch.Tensor, unit_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Activation mass of every expert per token: Σ_{j∈e} |h_j|·‖W_down[:, j]‖.  h [N, U] → [N, E]."""
+    contribution = h.abs().float() * down_norm.float()
+    mass = torch.zeros(h.shape[0], num_experts, dtype=torch.float32, device=h.device)
+    return mass.index_add_(1, unit_expert, contribution)
+
+
+def layer_dense_h(layer, x: torch.Tensor) -> torch.Tensor:
+    """h = silu(x W_gateᵀ) · (x W_upᵀ) of a MoE layer's routed units, for every unit. x [N, d]."""
+    return F.silu(x @ layer.w_gate.T) * (x @ layer.w_up.T)
+
+
+def oracle_hook(budget_mask_fn):
+    """A forward pre-hook that sets a MoE layer's oracle mask from its own dense activation mass."""
+
+    def hook(layer, args, kwargs=None):
+        x = args[0] if args else kwargs["hidden_states"]
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            h = layer_dense_h(layer, flat)
+            mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, layer.num_experts)
+            mask = budget_mask_fn(torch.log(mass + 1e-20), layer)
+        layer.oracle_mask = mask.reshape(*x.shape[:-1], -1)
+
+    return hook
+
+
+@torch.no_grad()
+def collect_router_data(model, examples: list[Example], tokenizer, config: WarmupConfig) -> list[dict]:
+    """Per MoE layer: MLP inputs x [N, d] and target expert-mass distributions [N, E] (all experts on)."""
+    from tinyonn.routing import RoutingConfig
+
+    samples, _ = encode_examples(tokenizer, examples, config.data)
+    layers = model.moe_layers()
+    model.set_routing(RoutingConfig(mode="all"))
+    inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, args, i=i: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for i, layer in enumerate(layers)]
+    kept_masks, tokens = [], 0
+    try:
+        for batch in iter_batches(samples, config.data.batch_size, tokenizer.pad_token_id, "right"):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            kept_masks.append(batch.attention_mask.reshape(-1).bool())
+            tokens += int(batch.attention_mask.sum())
+            if tokens >= config.max_tokens:
+                break
+    finally:
+        for hook in hooks:
+            hook.remove()
+    keep = torch.cat(kept_masks)
+    data = []
+    for layer, xs in zip(layers, inputs):
+        x = torch.cat(xs)[keep]
+        h = layer_dense_h(layer, x)
+        mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, layer.num_experts)
+        data.append({"x": x, "target": mass / mass.sum(1, keepdim=True).clamp_min(1e-20), "mass": mass})
+    return data
+
+
+def recall_at_k(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
+    """Mean fraction of the oracle's top-k experts (by mass) found in the router's top-k."""
+    k = min(k, scores.shape[1])
+    predicted = scores.topk(k, dim=1).indices
+    truth = mass.topk(k, dim=1).indices
+    hits = (predicted[:, :, None] == truth[:, None, :]).any(2).float().sum(1)
+    return float((hits / k).mean())
+
+
+def warm_up_routers(model, data: list[dict], config: WarmupConfig) -> list[dict]:
+    """Fit each layer's router to the soft expert-mass targets (cross-entropy); returns per-layer
+    metrics with recall@k before and after, on a held-out tenth of the tokens."""
+    torch.manual_seed(config.seed)
+    metrics = []
+    for layer, d in zip(model.moe_layers(), data):
+        n = d["x"].shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+        held, train = order[: n // 10], order[n // 10:]
+        router = layer.router
+        before = recall_at_k(router(d["x"][held]).scores.detach(), d["mass"][held], config.recall_k)
+        optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        for _ in range(config.epochs):
+            shuffled = train[torch.randperm(len(train))]
+            for start in range(0, len(shuffled), config.batch_tokens):
+                idx = shuffled[start : start + config.batch_tokens]
+                scores = router(d["x"][idx]).scores
+                loss = -(d["target"][idx] * scores).sum(1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            held_scores = router(d["x"][held]).scores
+            after = recall_at_k(held_scores, d["mass"][held], config.recall_k)
+            held_loss = float(-(d["target"][held] * held_scores).sum(1).mean())
+        metrics.append({"layer": layer.layer_index, "experts": layer.num_experts, "tokens": n,
+                        f"recall@{config.recall_k}_before": before, f"recall@{config.recall_k}": after,
+                        "held_out_cross_entropy": held_loss})
+    return metrics
+
+
+@torch.no_grad()
+def heldout_perplexity_by_category(model, tokenizer, examples: list[Example], config: DataConfig) -> dict:
+    """Token-weighted response perplexity per category (and 'all') plus the active-unit fraction."""
+    samples, _ = encode_examples(tokenizer, examples, config)
+    nll: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for batch in iter_batches(samples, config.batch_size, tokenizer.pad_token_id, "right"):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        losses = per_sample_loss(logits, batch.labels)
+        counts = response_token_counts(batch.labels)
+        for category, loss, n in zip(batch.categories, losses.tolist(), counts.tolist()):
+            nll[category] += loss * n
+            count[category] += n
+    out = {c: math.exp(nll[c] / count[c]) for c in sorted(count)}
+    out["all"] = math.exp(sum(nll.values()) / sum(count.values()))
+    return out
+
+
+def write_report(report: dict, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "report" / "extract.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return path
+
+
+def timed(fn, *args, **kwargs):
+    start = time.time()
+    value = fn(*args, **kwargs)
+    return value, time.time() - start
