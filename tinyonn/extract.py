@@ -54,19 +54,49 @@ def layer_dense_h(layer, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x @ layer.w_gate.T) * (x @ layer.w_up.T)
 
 
-def oracle_hook(budget_mask_fn):
-    """A forward pre-hook that sets a MoE layer's oracle mask from its own dense activation mass."""
+def oracle_mask(layer, x: torch.Tensor, budget_units: float) -> torch.Tensor:
+    """The oracle's expert mask [N, E] for a MoE layer's inputs x [N, d]: experts in descending
+    order of their true activation mass, within `budget_units` routed units per token."""
+    from tinyonn.routing import budget_mask
 
-    def hook(layer, args, kwargs=None):
-        x = args[0] if args else kwargs["hidden_states"]
-        flat = x.reshape(-1, x.shape[-1])
-        with torch.no_grad():
-            h = layer_dense_h(layer, flat)
-            mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, layer.num_experts)
-            mask = budget_mask_fn(torch.log(mass + 1e-20), layer)
-        layer.oracle_mask = mask.reshape(*x.shape[:-1], -1)
+    h = layer_dense_h(layer, x)
+    mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, layer.num_experts)
+    return budget_mask(torch.log(mass + 1e-30), layer.expert_sizes, budget_units)
 
-    return hook
+
+def use_oracle_routing(model, budgets: list[float]) -> list:
+    """Route every MoE layer by its oracle (within budgets[i] routed units); returns hook handles."""
+    from tinyonn.routing import RoutingConfig
+
+    def make_hook(budget):
+        def hook(layer, args):
+            x = args[0]
+            with torch.no_grad():
+                layer.oracle_mask = oracle_mask(layer, x.reshape(-1, x.shape[-1]), budget)
+        return hook
+
+    handles = []
+    for layer, budget in zip(model.moe_layers(), budgets):
+        layer.router.config = dataclasses.replace(layer.routing, mode="oracle-mask")
+        handles.append(layer.register_forward_pre_hook(make_hook(budget)))
+    return handles
+
+
+def use_router(model, budgets: list[float]) -> None:
+    """Route every MoE layer by its router within budgets[i] routed units (mode "budget")."""
+    for layer, budget in zip(model.moe_layers(), budgets):
+        layer.oracle_mask = None
+        units = float(layer.expert_sizes.sum())
+        layer.router.config = dataclasses.replace(layer.routing, mode="budget", unit_budget=budget / units)
+
+
+def routed_budgets(model, active_fraction: float, intermediate_size: int) -> list[float]:
+    """Routed units allowed per token so that shared + routed ≤ active_fraction of the teacher's units."""
+    budgets = []
+    for layer in model.moe_layers():
+        shared = layer.shared_gate.shape[0]
+        budgets.append(max(active_fraction * intermediate_size - shared, 0.0))
+    return budgets
 
 
 @torch.no_grad()
@@ -116,27 +146,27 @@ def warm_up_routers(model, data: list[dict], config: WarmupConfig) -> list[dict]
     metrics with recall@k before and after, on a held-out tenth of the tokens."""
     torch.manual_seed(config.seed)
     metrics = []
-    for layer, d in zip(model.moe_layers(), data):
+    for index, (layer, d) in enumerate(zip(model.moe_layers(), data)):
         n = d["x"].shape[0]
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
         held, train = order[: n // 10], order[n // 10:]
         router = layer.router
-        before = recall_at_k(router(d["x"][held]).scores.detach(), d["mass"][held], config.recall_k)
+        before = recall_at_k(router.scores(d["x"][held]).detach(), d["mass"][held], config.recall_k)
         optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         for _ in range(config.epochs):
             shuffled = train[torch.randperm(len(train))]
             for start in range(0, len(shuffled), config.batch_tokens):
                 idx = shuffled[start : start + config.batch_tokens]
-                scores = router(d["x"][idx]).scores
+                scores = router.scores(d["x"][idx])
                 loss = -(d["target"][idx] * scores).sum(1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
-            held_scores = router(d["x"][held]).scores
+            held_scores = router.scores(d["x"][held])
             after = recall_at_k(held_scores, d["mass"][held], config.recall_k)
             held_loss = float(-(d["target"][held] * held_scores).sum(1).mean())
-        metrics.append({"layer": layer.layer_index, "experts": layer.num_experts, "tokens": n,
+        metrics.append({"layer": index, "experts": layer.num_experts, "tokens": n,
                         f"recall@{config.recall_k}_before": before, f"recall@{config.recall_k}": after,
                         "held_out_cross_entropy": held_loss})
     return metrics
@@ -171,3 +201,79 @@ def timed(fn, *args, **kwargs):
     start = time.time()
     value = fn(*args, **kwargs)
     return value, time.time() - start
+
+
+PARTITIONS = ("pidiff-hdbscan", "random", "coact-kmeans")
+
+
+def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/runs/default",
+                        active_fraction: float = 0.5, cluster_config=None, warmup: WarmupConfig | None = None,
+                        eval_per_category: int | None = 100, methods: tuple[str, ...] = PARTITIONS,
+                        log=print) -> dict:
+    """Build each partition, measure held-out perplexity per category with oracle routing and with
+    the warmed router at `active_fraction` of the FFN units active per token; write the report."""
+    from tinyonn.assemble import assemble
+    from tinyonn.cluster import ClusterConfig, cluster
+    from tinyonn.data import load_probe_set
+    from tinyonn.store import ScoreStore
+    from tinyonn.teacher import ffn_layout, load_teacher
+
+    run_dir = Path(run_dir)
+    warmup = warmup or WarmupConfig()
+    cluster_config = cluster_config or ClusterConfig()
+    store = ScoreStore.open(store) if isinstance(store, (str, Path)) else store
+    teacher_model, tokenizer = load_teacher(teacher) if isinstance(teacher, (str, Path)) else teacher
+    intermediate = ffn_layout(teacher_model)[0].intermediate_size
+    validation = load_probe_set("builtin", "validation")
+    if eval_per_category:
+        by_category: dict[str, list] = defaultdict(list)
+        for example in validation:
+            by_category[example.category].append(example)
+        validation = [e for c in sorted(by_category) for e in by_category[c][:eval_per_category]]
+    train = load_probe_set("builtin", "train")
+    train = train[:: max(1, len(train) // 3000)]
+    eval_config = DataConfig(max_length=512, batch_size=16)
+    report: dict = {
+        "teacher": str(teacher) if isinstance(teacher, (str, Path)) else "model",
+        "store": str(store.path), "active_fraction": active_fraction,
+        "validation_examples": len(validation), "warmup": dataclasses.asdict(warmup),
+        "teacher_ppl": heldout_perplexity_by_category(teacher_model, tokenizer, validation, eval_config),
+        "partitions": {},
+    }
+    log(f"teacher: {report['teacher_ppl']}")
+    for method in methods:
+        started = time.time()
+        plan, cluster_seconds = timed(cluster, store, dataclasses.replace(cluster_config, method=method))
+        plan.save(run_dir / "plans" / method)
+        model = assemble(teacher_model, plan).eval()
+        budgets = routed_budgets(model, active_fraction, intermediate)
+        handles = use_oracle_routing(model, budgets)
+        oracle = heldout_perplexity_by_category(model, tokenizer, validation, eval_config)
+        for handle in handles:
+            handle.remove()
+        data = collect_router_data(model, train, tokenizer, warmup)
+        warm_metrics = warm_up_routers(model, data, warmup)
+        use_router(model, budgets)
+        routed = heldout_perplexity_by_category(model, tokenizer, validation, eval_config)
+        model.save_pretrained(run_dir / "models" / method)
+        report["partitions"][method] = {
+            "plan": plan.summary(), "cluster_seconds": cluster_seconds,
+            "oracle_ppl": oracle, "router_ppl": routed, "warmup": warm_metrics,
+            "routed_budget_units": budgets, "seconds": time.time() - started,
+        }
+        log(f"{method}: oracle {oracle['all']:.2f}, router {routed['all']:.2f} "
+            f"(recall@{warmup.recall_k} {sum(m[f'recall@{warmup.recall_k}'] for m in warm_metrics) / len(warm_metrics):.3f})")
+        write_report(report, run_dir)
+    return report
+
+
+def report_table(report: dict) -> str:
+    """Markdown table of the held-out perplexities in an extract report."""
+    categories = [c for c in report["teacher_ppl"] if c != "all"] + ["all"]
+    lines = ["| partition | routing | " + " | ".join(categories) + " |",
+             "|---|---|" + "---:|" * len(categories),
+             "| teacher (dense) | – | " + " | ".join(f"{report['teacher_ppl'][c]:.2f}" for c in categories) + " |"]
+    for method, r in report["partitions"].items():
+        for routing, key in (("oracle", "oracle_ppl"), ("warmed router", "router_ppl")):
+            lines.append(f"| {method} | {routing} | " + " | ".join(f"{r[key][c]:.2f}" for c in categories) + " |")
+    return "\n".join(lines)

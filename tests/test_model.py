@@ -1,0 +1,174 @@
+"""The TinyONN model: keeps the teacher's function with every unit and expert on, copies weights
+bitwise, round-trips through save/from_pretrained, generates, routes sparsely with a router gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from tinyonn.assemble import assemble
+from tinyonn.model import MoELayer, TinyONNConfig, TinyONNForCausalLM, moe_forward
+from tinyonn.plan import ExpertPlan, LayerPlan, full_plan
+from tinyonn.routing import RoutingConfig
+from tinyonn.teacher import ffn_layout, load_teacher
+
+ALL = RoutingConfig(mode="all")
+
+
+def sparse_plan(num_layers: int = 2, width: int = 128, seed: int = 0) -> ExpertPlan:
+    """Per layer: 16 shared units, 5 experts (sizes 8..24) in 2 groups, 28 units dropped."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for layer in range(num_layers):
+        order = rng.permutation(width)
+        sizes = np.array([8, 24, 16, 20, 16])
+        layers.append(LayerPlan(layer=layer, units=order[16:16 + sizes.sum()], shared_units=order[:16],
+                                expert_offsets=np.concatenate([[0], sizes.cumsum()]),
+                                expert_group=np.array([0, 1, 0, 1, 1]), expert_cell=np.arange(5)))
+    return ExpertPlan(layers=tuple(layers), method="test", intermediate_size=width)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir):
+    return load_teacher(tiny_teacher_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def full_model(teacher):
+    return assemble(teacher, full_plan(2, 128, 8, groups=3, seed=0), ALL)
+
+
+def ids(vocab: int, shape=(2, 12), seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_all_experts_reproduce_the_tiny_teacher(teacher, full_model):
+    tokens = ids(200)
+    with torch.no_grad():
+        reference = teacher(tokens).logits
+        logits = full_model(tokens).logits
+    assert (logits - reference).abs().max() <= 1e-4
+    layer = full_model.moe_layers()[0]
+    assert layer.num_experts == 8 and layer.router.num_groups == 3 and layer.w_gate.shape == (128, 64)
+    assert layer.last_routing.mask.shape == (24, 8) and (layer.last_routing.mask == 1).all()
+
+
+def test_all_experts_reproduce_the_builtin_teacher():
+    teacher, tokenizer = load_teacher("builtin")
+    model = assemble(teacher, full_plan(8, 1536, 16, groups=4, seed=1), ALL)
+    assert sum(layer.w_gate.shape[0] for layer in model.moe_layers()) == 12288
+    tokens = tokenizer("The harbour is a sheltered port where ships can stay.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (model(tokens).logits - teacher(tokens).logits).abs().max() <= 1e-4
+
+
+def test_bf16_teacher_weights_are_copied_bitwise(tiny_teacher_dir):
+    teacher, _ = load_teacher(tiny_teacher_dir, dtype=torch.bfloat16)
+    plan = sparse_plan()
+    model = assemble(teacher, plan, RoutingConfig(top_k=2))
+    assert model.dtype == torch.bfloat16
+    for layer, layer_plan, ffn in zip(model.moe_layers(), plan.layers, ffn_layout(teacher)):
+        gate, up, down = ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight
+        for expert in range(layer_plan.num_experts):
+            units = torch.as_tensor(layer_plan.expert_units(expert))
+            start, end = layer.expert_offsets[expert], layer.expert_offsets[expert + 1]
+            assert torch.equal(layer.w_gate[start:end], gate[units])
+            assert torch.equal(layer.w_up[start:end], up[units])
+            assert torch.equal(layer.w_down[:, start:end], down[:, units])
+            assert (layer.unit_expert[start:end] == expert).all()
+        shared = torch.as_tensor(layer_plan.shared_units)
+        assert torch.equal(layer.shared_gate, gate[shared]) and torch.equal(layer.shared_down, down[:, shared])
+    mine = dict(model.backbone.named_parameters())
+    for name, value in teacher.named_parameters():
+        if ".mlp." not in name:
+            assert torch.equal(mine[name], value), name
+    assert model.backbone.lm_head.weight is model.backbone.model.embed_tokens.weight
+
+
+def test_save_and_load_round_trip(teacher, tmp_path):
+    model = assemble(teacher, sparse_plan(), RoutingConfig(mode="topk", top_k=2, top_groups=1), seed=3)
+    tokens = ids(200)
+    with torch.no_grad():
+        reference = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    for loader in (TinyONNForCausalLM, AutoModelForCausalLM):
+        loaded = loader.from_pretrained(tmp_path)
+        assert isinstance(loaded, TinyONNForCausalLM) and isinstance(loaded.config, TinyONNConfig)
+        assert loaded.config.routing_config == RoutingConfig(mode="topk", top_k=2, top_groups=1)
+        assert loaded.config.expert_sizes == model.config.expert_sizes
+        assert loaded.config.teacher_model_type == "qwen3"
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+        with torch.no_grad():
+            assert torch.equal(loaded(tokens).logits, reference)
+
+
+def test_generate_with_all_experts_matches_the_teacher(teacher, full_model):
+    prompt = ids(200, (2, 6), seed=1)
+    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    expected = teacher.generate(prompt, **settings)
+    produced = full_model.generate(prompt, **settings)
+    assert produced.shape[1] > prompt.shape[1]
+    assert torch.equal(produced, expected)
+
+
+def test_sparse_routing_changes_output_and_trains_the_router(teacher):
+    model = assemble(teacher, sparse_plan(), RoutingConfig(mode="topk", top_k=2))
+    tokens = ids(200)
+    with torch.no_grad():
+        assert (model(tokens).logits - teacher(tokens).logits).abs().max() > 1e-2
+    model.train()
+    model(tokens, labels=tokens).loss.backward()
+    for layer in model.moe_layers():
+        assert layer.router.main.grad.abs().sum() > 0 and layer.router.sub.grad.abs().sum() > 0
+        picked = layer.last_routing.mask.sum(0) > 0  # experts chosen by some token
+        for expert in range(layer.num_experts):
+            rows = layer.w_gate.grad[layer.expert_offsets[expert]:layer.expert_offsets[expert + 1]]
+            assert (rows.abs().sum() > 0) == bool(picked[expert])
+    model.zero_grad()
+    model.set_routing(RoutingConfig(mode="topk", top_k=2, straight_through=False))
+    model(tokens, labels=tokens).loss.backward()
+    assert all(layer.router.main.grad is None or layer.router.main.grad.abs().sum() == 0
+               for layer in model.moe_layers())
+
+
+def test_oracle_mask_is_respected(teacher):
+    plan = sparse_plan()
+    model = assemble(teacher, plan, RoutingConfig(mode="oracle-mask"))
+    model.set_routing(RoutingConfig(mode="oracle-mask"))
+    layer: MoELayer = model.moe_layers()[1]
+    ffn = ffn_layout(teacher)[1]
+    x = torch.randn(3, 4, 64)
+
+    def teacher_units(units):
+        units = torch.as_tensor(units)
+        return F.linear(F.silu(F.linear(x, ffn.gate_proj.weight[units])) * F.linear(x, ffn.up_proj.weight[units]),
+                        ffn.down_proj.weight[:, units])
+
+    shared_only = teacher_units(plan.layers[1].shared_units)
+    layer.oracle_mask = torch.zeros(12, 5)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), shared_only, atol=1e-6)
+        layer.oracle_mask[:, 3] = 1
+        expected = shared_only + teacher_units(plan.layers[1].expert_units(3))
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+        assert torch.equal(layer.last_routing.mask, layer.oracle_mask)
+        layer.oracle_mask = None
+        with pytest.raises(ValueError, match="needs a mask"):
+            layer(x)
+
+
+def test_moe_forward_is_stateless(full_model):
+    layer = full_model.moe_layers()[0]
+    x = torch.randn(5, 64)
+    params = {name: value.detach().clone() for name, value in layer.named_parameters()}
+    buffers = dict(layer.named_buffers())
+    y, out = moe_forward(params, buffers, x, RoutingConfig(mode="topk", top_k=3))
+    assert (out.mask.sum(-1) == 3).all()
+    params["w_down"] = params["w_down"] * 2
+    doubled = torch.func.functional_call(layer, (params, buffers), (x,))
+    with torch.no_grad():
+        assert torch.allclose(doubled, 2 * layer(x), atol=1e-5)
