@@ -63,6 +63,51 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    """Cluster a score store's units into concept cells and per-layer experts (the plan)."""
+    from tinyonn.cluster import ClusterConfig, cluster, plot_cells
+
+    run_dir = Path(args.runs) / args.run
+    store = args.store or str(run_dir / "scores.zarr")
+    plan = cluster(store, ClusterConfig(method=args.method, keep_fraction=args.keep_fraction, seed=args.seed))
+    out = run_dir / "plan"
+    plan.save(out)
+    plot_cells(plan, store, out / "cells.png")
+    print(json.dumps(plan.summary(), indent=1))
+    print(f"plan written to {out}")
+    return 0
+
+
+def cmd_assemble(args) -> int:
+    """Build the TinyONN model of a plan from the teacher and save it (Hugging Face format)."""
+    from tinyonn.assemble import assemble
+    from tinyonn.plan import ExpertPlan
+
+    run_dir = Path(args.runs) / args.run
+    model = assemble(args.teacher, ExpertPlan.load(args.plan or run_dir / "plan"))
+    from tinyonn.teacher import load_teacher
+
+    _, tokenizer = load_teacher(args.teacher)
+    model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    print(f"TinyONN model written to {run_dir / 'model'}")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    """Compare the three partitions at a budget of active units (oracle and warmed router)."""
+    from tinyonn.extract import WarmupConfig, evaluate_partitions, report_table
+
+    run_dir = Path(args.runs) / args.run
+    report = evaluate_partitions(args.store or run_dir / "scores.zarr", args.teacher, run_dir,
+                                 active_fraction=args.active_fraction,
+                                 warmup=WarmupConfig(max_tokens=args.warmup_tokens),
+                                 eval_per_category=args.eval_per_category or None)
+    print(report_table(report))
+    print(f"report: {run_dir / 'report' / 'extract.json'}")
+    return 0
+
+
 def cmd_teacher(args) -> int:
     from tinyonn import pretrain
 
@@ -148,6 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-heads", action="store_true", help="skip attention-head statistics")
     pr.add_argument("--overwrite", action="store_true", help="replace a store probed with other inputs")
     pr.set_defaults(func=cmd_probe)
+
+    cl = sub.add_parser("cluster", help="concept cells and per-layer experts from a score store")
+    cl.add_argument("--run", default="default")
+    cl.add_argument("--runs", default="stores/runs")
+    cl.add_argument("--store", default=None, help="score store (default <runs>/<run>/scores.zarr)")
+    cl.add_argument("--method", default="pidiff-hdbscan", choices=["pidiff-hdbscan", "random", "coact-kmeans"])
+    cl.add_argument("--keep-fraction", type=float, default=1.0)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.set_defaults(func=cmd_cluster)
+
+    asm = sub.add_parser("assemble", help="build the TinyONN model of a plan")
+    asm.add_argument("--teacher", default="builtin")
+    asm.add_argument("--run", default="default")
+    asm.add_argument("--runs", default="stores/runs")
+    asm.add_argument("--plan", default=None, help="plan folder (default <runs>/<run>/plan)")
+    asm.set_defaults(func=cmd_assemble)
+
+    ex = sub.add_parser("extract", help="compare partitions at a budget (oracle and warmed router)")
+    ex.add_argument("--teacher", default="builtin")
+    ex.add_argument("--run", default="default")
+    ex.add_argument("--runs", default="stores/runs")
+    ex.add_argument("--store", default=None)
+    ex.add_argument("--active-fraction", type=float, default=0.5)
+    ex.add_argument("--warmup-tokens", type=int, default=60_000)
+    ex.add_argument("--eval-per-category", type=int, default=100, help="0: the whole validation split")
+    ex.set_defaults(func=cmd_extract)
 
     teacher = sub.add_parser("teacher", help="build the embedded default teacher (recipe steps)")
     teacher.add_argument("step", choices=["data", "tokenizer", "shards", "train", "export", "eval", "card"])

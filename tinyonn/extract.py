@@ -106,6 +106,8 @@ def collect_router_data(model, examples: list[Example], tokenizer, config: Warmu
 
     samples, _ = encode_examples(tokenizer, examples, config.data)
     layers = model.moe_layers()
+    for layer in layers:
+        layer.oracle_mask = None
     model.set_routing(RoutingConfig(mode="all"))
     inputs: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [layer.register_forward_pre_hook(
@@ -213,7 +215,7 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
     """Build each partition, measure held-out perplexity per category with oracle routing and with
     the warmed router at `active_fraction` of the FFN units active per token; write the report."""
     from tinyonn.assemble import assemble
-    from tinyonn.cluster import ClusterConfig, cluster
+    from tinyonn.cluster import ClusterConfig, baseline_config, cluster
     from tinyonn.data import load_probe_set
     from tinyonn.store import ScoreStore
     from tinyonn.teacher import ffn_layout, load_teacher
@@ -241,9 +243,14 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
         "partitions": {},
     }
     log(f"teacher: {report['teacher_ppl']}")
+    main_plan = None
     for method in methods:
         started = time.time()
-        plan, cluster_seconds = timed(cluster, store, dataclasses.replace(cluster_config, method=method))
+        config = dataclasses.replace(cluster_config, method=method)
+        if main_plan is not None and method != main_plan.method:
+            config = baseline_config(config, main_plan, method)  # same experts per layer: a fair budget
+        plan, cluster_seconds = timed(cluster, store, config)
+        main_plan = main_plan or plan
         plan.save(run_dir / "plans" / method)
         model = assemble(teacher_model, plan).eval()
         budgets = routed_budgets(model, active_fraction, intermediate)
@@ -251,6 +258,8 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
         oracle = heldout_perplexity_by_category(model, tokenizer, validation, eval_config)
         for handle in handles:
             handle.remove()
+        for layer in model.moe_layers():
+            layer.oracle_mask = None
         data = collect_router_data(model, train, tokenizer, warmup)
         warm_metrics = warm_up_routers(model, data, warmup)
         use_router(model, budgets)

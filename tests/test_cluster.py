@@ -1,0 +1,275 @@
+"""Cells and experts: planted structure is recovered, budgets and bounds hold, methods are comparable."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from tinyonn.cluster import (
+    ClusterConfig,
+    _cell_hierarchy,
+    balanced_kmeans,
+    baseline_config,
+    cluster,
+    coactivation,
+    plot_cells,
+)
+from tinyonn.plan import ExpertPlan
+from tinyonn.scores import ScoreConfig, summary_score_fn
+from tinyonn.store import ChunkStats, ScoreStoreWriter
+
+LAYERS, PER_LAYER, N, GROUPS, GROUP_UNITS, ALWAYS_ON, NOISE = 3, 64, 96, 4, 12, 8, 8
+CATEGORIES = ["math", "code", "chat"]
+ALWAYS, JUNK = -2, -3
+SHARED = dict(shared_by="threshold", shared_freq=0.8, shared_max_fraction=0.25)
+"""Test configs: the planted always-on units (freq ~0.95) are exactly the shared ones."""
+
+
+def planted(seed: int = 0) -> dict[str, np.ndarray]:
+    """3 layers x 64 units: per layer 4 planted groups of 12 units (a group shares one activation
+    profile over samples in every layer, so its cell spans the layers), 8 always-on units and
+    8 weak, high-gradient noise units."""
+    rng = np.random.default_rng(seed)
+    category = (np.arange(N) % len(CATEGORIES)).astype(np.int16)
+    profiles = []
+    for g in range(GROUPS):
+        on = (rng.random(N) < 0.2) | ((category == g % len(CATEGORIES)) & (rng.random(N) < 0.7))
+        profiles.append(np.where(on, 1.0, 0.03) * rng.uniform(0.8, 1.2, N))
+    roles = np.concatenate([rng.permutation(np.repeat(np.r_[np.arange(GROUPS), ALWAYS, JUNK],
+                                                      [GROUP_UNITS] * GROUPS + [ALWAYS_ON, NOISE]))
+                            for _ in range(LAYERS)])
+    u = LAYERS * PER_LAYER
+    act, freq, grad = np.zeros((N, u)), np.zeros((N, u)), np.zeros((N, u))
+    for j, role in enumerate(roles):
+        if role >= 0:
+            act[:, j] = rng.uniform(0.5, 1.5) * profiles[role] * rng.lognormal(0, 0.1, N)
+            freq[:, j] = np.clip(0.4 * profiles[role] + rng.normal(0, 0.01, N), 0, 1)
+            grad[:, j] = 0.05 * rng.lognormal(0, 0.3, N)
+        elif role == ALWAYS:
+            act[:, j] = 1.5 * rng.uniform(0.9, 1.1, N)
+            freq[:, j] = np.clip(0.95 + rng.normal(0, 0.02, N), 0, 1)
+            grad[:, j] = 0.02 * rng.lognormal(0, 0.3, N)
+        else:
+            act[:, j] = 0.01 * rng.random(N)
+            freq[:, j] = 0.01 * rng.random(N)
+            grad[:, j] = rng.lognormal(0, 0.3, N)
+    return {"act": act, "freq": freq, "grad": grad, "taylor": act * grad, "category": category, "roles": roles,
+            "loss": rng.gamma(3.0, 0.7, N), "n_tokens": rng.integers(5, 50, N)}
+
+
+def write_store(path, data, per_sample: bool = True):
+    u = LAYERS * PER_LAYER
+    writer = ScoreStoreWriter.open(
+        path, units_layer=np.repeat(np.arange(LAYERS), PER_LAYER), units_index=np.tile(np.arange(PER_LAYER), LAYERS),
+        heads_layer=np.zeros(0, np.int16), heads_index=np.zeros(0, np.int16), categories=CATEGORIES,
+        sample_category=data["category"], source_index=np.arange(N), chunk_samples=32, per_sample=per_sample,
+        attrs={"fingerprint": "planted", "teacher_config": {"intermediate_size": PER_LAYER}}, unit_chunk=64)
+    for k in writer.pending_chunks():
+        a, b = writer.chunk_range(k)
+        writer.write_chunk(k, ChunkStats(act=data["act"][a:b], freq=data["freq"][a:b], grad=data["grad"][a:b],
+                                         taylor=data["taylor"][a:b], head_out=np.zeros((b - a, 0)),
+                                         head_grad=np.zeros((b - a, 0)), loss=data["loss"][a:b],
+                                         n_tokens=data["n_tokens"][a:b]))
+    assert u == len(data["roles"])
+    return writer.finalize(summary_score_fn(ScoreConfig()), score_attrs={"score": "pidiff"})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, data):
+    return write_store(tmp_path_factory.mktemp("planted") / "scores.zarr", data)
+
+
+PLAN_CONFIG = ClusterConfig(keep_fraction=0.875, min_size=8, max_size=24, block=4, groups_per_layer=2,
+                            min_cluster_size=16, **SHARED)
+"""Prunes the 8 noise units of each layer, so the routed units are the planted ones; block 4 keeps
+the planted 12-unit slices intact (12 is a multiple of 4, inside [8, 24]). A planted group is so
+tight that its per-layer parts (12 units, told apart by the layer feature) are leaves of the
+HDBSCAN tree; min_cluster_size 16 > 12 makes the whole cross-layer group the cell."""
+
+
+@pytest.fixture(scope="module")
+def plan(store):
+    return cluster(store, PLAN_CONFIG)
+
+
+def roles_of(data, layer: int) -> np.ndarray:
+    return data["roles"][layer * PER_LAYER:(layer + 1) * PER_LAYER]
+
+
+def unit_cells(plan: ExpertPlan) -> np.ndarray:
+    """[layers * per_layer] cell of each routed unit (-9: not routed)."""
+    out = np.full(len(plan.layers) * plan.intermediate_size, -9)
+    for lp in plan.layers:
+        for e in range(lp.num_experts):
+            out[lp.layer * plan.intermediate_size + lp.expert_units(e)] = lp.expert_cell[e]
+    return out
+
+
+def kept_sets(plan: ExpertPlan) -> list[tuple[set, set]]:
+    return [(set(lp.shared_units.tolist()), set(lp.units.tolist())) for lp in plan.layers]
+
+
+# --------------------------------------------------------------------------------------------
+# pidiff-hdbscan
+
+
+def test_hdbscan_recovers_planted_cells_across_layers(plan, data):
+    cells = unit_cells(plan)
+    planted_units = data["roles"] >= 0
+    assert adjusted_rand_score(data["roles"][planted_units], cells[planted_units]) >= 0.8
+    assert len(plan.cells) == GROUPS
+    for record in plan.cells:
+        assert record["layers"] == list(range(LAYERS))  # a cell spans every layer it was planted in
+        assert record["size"] == LAYERS * GROUP_UNITS
+        assert record["dominant_category"] in CATEGORIES and 0 <= record["group"] < 2
+        assert {"id", "mean_score", "units_per_layer", "experts"} <= set(record)
+    for lp in plan.layers:
+        assert lp.num_experts == GROUPS and sorted(lp.expert_sizes) == [GROUP_UNITS] * GROUPS
+        assert lp.num_groups == 2 and set(lp.expert_group.tolist()) == {0, 1}
+    assert plan.info["hdbscan"]["cells"] == GROUPS
+
+
+def test_shared_expert_and_budget(plan, data):
+    for lp in plan.layers:
+        roles = roles_of(data, lp.layer)
+        assert set(lp.shared_units.tolist()) == set(np.flatnonzero(roles == ALWAYS).tolist())
+        assert set(lp.units.tolist()) == set(np.flatnonzero(roles >= 0).tolist())  # the noise units are pruned
+    budget = plan.info["budget"]
+    assert budget["kept_per_layer"] == [56] * LAYERS and budget["pruned_per_layer"] == [NOISE] * LAYERS
+    assert plan.info["kept_fraction"] == pytest.approx(56 / 64) == plan.kept_fraction()
+    assert plan.info["size_bounds"] == [8, 24] and plan.info["score"]["source"] == "summary/score"
+
+
+def test_sizes_bounded_rounded_and_no_unit_lost(store):
+    plan = cluster(str(store.path), ClusterConfig(min_size=8, max_size=16, block=8, **SHARED))  # noise units kept too
+    assert 0 < plan.info["hdbscan"]["noise_fraction"] < 1
+    for lp in plan.layers:
+        assert np.all(lp.expert_cell >= 0)  # HDBSCAN noise joins its most likely cell
+        sizes = lp.expert_sizes
+        assert sizes.min() >= 8 and sizes.max() <= 16 and np.all(sizes % 8 == 0), sizes
+        every = np.concatenate([lp.units, lp.shared_units])
+        assert len(every) == len(set(every.tolist())) == PER_LAYER  # everything kept, nothing twice
+
+
+def test_large_slices_split_small_ones_merged(store, data):
+    split = cluster(store, replace(PLAN_CONFIG, min_size=4, max_size=8))
+    merged = cluster(store, replace(PLAN_CONFIG, min_size=16, max_size=32, block=8))
+    for lp in split.layers:
+        assert lp.num_experts == 2 * GROUPS and set(lp.expert_sizes.tolist()) <= {4, 8}
+        roles = roles_of(data, lp.layer)
+        for e in range(lp.num_experts):  # a split stays inside its planted group
+            assert len(set(roles[lp.expert_units(e)].tolist())) == 1
+    for lp in merged.layers:
+        assert lp.num_experts == 2 and sorted(lp.expert_sizes) == [24, 24]
+        roles = roles_of(data, lp.layer)
+        for e in range(lp.num_experts):  # two whole planted groups per merged expert
+            assert sorted(np.bincount(roles[lp.expert_units(e)], minlength=GROUPS)) == [0, 0, 12, 12]
+
+
+def test_deterministic(store):
+    for method in ("pidiff-hdbscan", "random", "coact-kmeans"):
+        config = ClusterConfig(method=method, min_size=8, max_size=16, block=8, experts_per_layer=5, seed=3, **SHARED)
+        a, b = cluster(store, config), cluster(store, config)
+        for x, y in zip(a.layers, b.layers):
+            for name in ("units", "expert_offsets", "expert_group", "expert_cell", "shared_units"):
+                np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=f"{method} {name}")
+        assert a.cells == b.cells
+
+
+# --------------------------------------------------------------------------------------------
+# baselines
+
+
+def test_baselines_keep_the_same_units_and_balance(store, plan):
+    for method in ("random", "coact-kmeans"):
+        other = cluster(store, baseline_config(PLAN_CONFIG, plan, method))
+        other.validate()
+        assert other.method == method and kept_sets(other) == kept_sets(plan)
+        assert [lp.num_experts for lp in other.layers] == [lp.num_experts for lp in plan.layers]
+        for lp in other.layers:
+            assert lp.expert_sizes.max() - lp.expert_sizes.min() <= 4 and np.all(lp.expert_sizes % 4 == 0)
+            assert np.all(lp.expert_cell == -1) and lp.num_groups == 2
+        assert other.cells == ()
+
+
+def test_coact_kmeans_recovers_planted_groups(store, data):
+    plan = cluster(store, replace(PLAN_CONFIG, method="coact-kmeans", experts_per_layer=GROUPS))
+    for lp in plan.layers:
+        roles = roles_of(data, lp.layer)
+        labels = np.repeat(np.arange(lp.num_experts), lp.expert_sizes)
+        assert adjusted_rand_score(roles[lp.units], labels) == pytest.approx(1.0)
+
+
+def test_random_differs_by_seed_and_is_balanced(store):
+    config = ClusterConfig(method="random", experts_per_layer=(3, 4, 6), block=4, **SHARED)
+    a, b = cluster(store, config), cluster(store, replace(config, seed=1))
+    assert [lp.num_experts for lp in a.layers] == [3, 4, 6]
+    assert [sorted(lp.expert_sizes) for lp in a.layers] == [[16, 20, 20], [12, 12, 16, 16], [8, 8, 8, 8, 12, 12]]
+    assert not all(np.array_equal(x.units, y.units) for x, y in zip(a.layers, b.layers))
+    assert kept_sets(a) == kept_sets(b)
+
+
+def test_balanced_kmeans_exact_capacities():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (30, 5)), rng.normal(3, 0.1, (10, 5))])
+    labels, centres, _ = balanced_kmeans(x, x[[0, 35]], [20, 20])
+    assert np.bincount(labels).tolist() == [20, 20] and centres.shape == (2, 5)
+    assert np.all(labels[30:] == labels[35])  # the small blob stays together
+
+
+# --------------------------------------------------------------------------------------------
+# pieces, errors, files
+
+
+def test_cell_hierarchy_cuts_are_nested():
+    cuts = _cell_hierarchy(np.random.default_rng(1).normal(size=(7, 4)))
+    for k in range(1, 8):
+        assert len(np.unique(cuts[:, k - 1])) == k
+        if k > 1:  # every k-cut refines the (k-1)-cut
+            assert all(len(np.unique(cuts[cuts[:, k - 1] == g, k - 2])) == 1 for g in range(k))
+
+
+def test_coactivation_embedding_separates_groups(store, data):
+    embedding, info = coactivation(store, dims=4)
+    assert embedding.shape == (LAYERS * PER_LAYER, 4) and info["samples_used"] == N
+    planted_units = data["roles"] >= 0
+    centres = np.stack([embedding[data["roles"] == g].mean(axis=0) for g in range(GROUPS)])
+    nearest = np.linalg.norm(embedding[planted_units][:, None] - centres[None], axis=2).argmin(axis=1)
+    assert np.mean(nearest == data["roles"][planted_units]) > 0.95
+
+
+def test_without_per_sample_arrays(tmp_path, data):
+    store = write_store(tmp_path / "agg.zarr", data, per_sample=False)
+    plan = cluster(store, ClusterConfig(min_size=8, max_size=24, block=4, **SHARED))
+    plan.validate()
+    assert "coact" not in plan.info["hdbscan"]["feature_blocks"]
+    with pytest.raises(ValueError, match="per-sample"):
+        cluster(store, ClusterConfig(method="coact-kmeans", **SHARED))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="method"):
+        ClusterConfig(method="kmeans")
+    with pytest.raises(ValueError, match="multiples of block"):
+        ClusterConfig(min_size=30)
+    with pytest.raises(ValueError, match="2 \\* min_size"):
+        ClusterConfig(min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        ClusterConfig(keep_fraction=0)
+
+
+def test_save_load_and_plot(tmp_path, plan, store):
+    plan.save(tmp_path / "run")
+    loaded = ExpertPlan.load(tmp_path / "run")
+    assert loaded.summary() == plan.summary() and loaded.cells == plan.cells
+    assert loaded.info["config"]["method"] == "pidiff-hdbscan" and "timings" in loaded.info
+    png = plot_cells(plan, store, tmp_path / "cells.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
