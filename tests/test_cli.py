@@ -11,11 +11,18 @@ from tinyonn.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_run_on_the_builtin_teacher_lists_stages(tmp_path, capsys):
-    assert main(["run", "--runs", str(tmp_path), "--run", "smoke"]) == 0
+def test_run_on_the_builtin_teacher_chains_the_built_stages(tmp_path, capsys):
+    assert main(["run", "--runs", str(tmp_path), "--run", "smoke", "--samples", "40"]) == 0
     out = capsys.readouterr().out
     assert "12,288 FFN units" in out
-    assert re.search(r"probe\s+(built|not built yet)", out)
+    for stage in ("probe", "cluster", "assemble"):
+        assert re.search(rf"{stage}\s+built", out), stage
+    assert re.search(r"train\s+not built yet", out)
+    match = re.search(r"teacher ([0-9.]+); TinyONN at 50% of FFN units per token \(oracle routing\) ([0-9.]+)", out)
+    assert match and 1 < float(match.group(1)) < float(match.group(2))
+    assert (tmp_path / "smoke" / "scores.zarr" / "zarr.json").is_file()
+    assert (tmp_path / "smoke" / "plan" / "plan.json").is_file()
+    assert (tmp_path / "smoke" / "model" / "config.json").is_file()
     info = json.loads((tmp_path / "smoke" / "teacher.json").read_text())
     assert info["model_type"] == "qwen3" and info["num_layers"] == 8
 

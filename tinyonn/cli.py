@@ -23,9 +23,12 @@ def built_stages() -> list[str]:
 
 
 def cmd_run(args) -> int:
-    """Run the pipeline stages that exist so far on a teacher and say which are not built yet."""
+    """Run the pipeline stages built so far on a teacher and say which are not built yet."""
     import torch
 
+    import tinyonn
+    from tinyonn.evaluate import sample_answers
+    from tinyonn.extract import heldout_perplexity_by_category, routed_budgets, use_oracle_routing
     from tinyonn.teacher import describe, load_teacher
 
     run_dir = Path(args.runs) / args.run
@@ -34,11 +37,32 @@ def cmd_run(args) -> int:
     summary = describe(model)
     print(f"teacher {args.teacher}: {summary['model_type']}, {summary['num_layers']} layers, "
           f"{summary['ffn_units']:,} FFN units, {summary['parameters']:,} parameters")
-    from tinyonn.evaluate import sample_answers
-
     answer = sample_answers(model, tokenizer, [args.prompt], max_new_tokens=32)[0]
     print(f"teacher answers {args.prompt!r}: {answer!r}")
     (run_dir / "teacher.json").write_text(json.dumps({"source": args.teacher, **summary}, indent=1))
+    if args.samples > 0:
+        examples = tinyonn.load_probe_set(args.data, "train") if args.data == "builtin" else tinyonn.read_examples(args.data)
+        examples = examples[:: max(1, len(examples) // args.samples)][: args.samples]
+        print(f"[probe] {len(examples)} samples spread over the probe set")
+        store = tinyonn.probe(model, examples, tinyonn.ProbeConfig(), run_dir / "scores.zarr", tokenizer=tokenizer)
+        store.summary()
+        print("[cluster] PIDiff-guided HDBSCAN")
+        plan = tinyonn.cluster(store, tinyonn.ClusterConfig())
+        plan.save(run_dir / "plan")
+        print(json.dumps(plan.summary()))
+        print("[assemble] TinyONN model")
+        moe = tinyonn.assemble(model, plan).eval()
+        moe.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+        validation = tinyonn.load_probe_set("builtin", "validation")[::25] if args.data == "builtin" else examples[:50]
+        config = tinyonn.DataConfig(max_length=512, batch_size=16)
+        dense = heldout_perplexity_by_category(model, tokenizer, validation, config)["all"]
+        handles = use_oracle_routing(moe, routed_budgets(moe, 0.5, summary["intermediate_size"]))
+        sparse = heldout_perplexity_by_category(moe, tokenizer, validation, config)["all"]
+        for handle in handles:
+            handle.remove()
+        print(f"held-out perplexity: teacher {dense:.2f}; TinyONN at 50% of FFN units per token "
+              f"(oracle routing) {sparse:.2f}  [{len(validation)} validation samples]")
     done = built_stages()
     for stage in PIPELINE:
         print(f"  {stage:<9} {'built' if stage in done else 'not built yet'}")
@@ -172,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", default="default", help="run name (folder under --runs)")
     run.add_argument("--runs", default="stores/runs")
     run.add_argument("--prompt", default="What does the word \"harbour\" mean?")
+    run.add_argument("--data", default="builtin", help="probe data: 'builtin' or a JSONL file")
+    run.add_argument("--samples", type=int, default=600, help="probe samples (0: only load the teacher)")
     run.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("probe", help="measure every FFN unit into a Zarr score store")

@@ -235,7 +235,13 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
     train = load_probe_set("builtin", "train")
     train = train[:: max(1, len(train) // 3000)]
     eval_config = DataConfig(max_length=512, batch_size=16)
+    import datetime
+    import sys
+
     report: dict = {
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
         "teacher": str(teacher) if isinstance(teacher, (str, Path)) else "model",
         "store": str(store.path), "active_fraction": active_fraction,
         "validation_examples": len(validation), "warmup": dataclasses.asdict(warmup),
