@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyonn.config import DataConfig
-from tinyonn.data import Example, encode_examples, iter_batches, per_sample_loss, response_token_counts
+from tinyonn.data import Example, encode_examples, iter_batches
 
 
 @dataclass(frozen=True)
@@ -174,22 +173,12 @@ def warm_up_routers(model, data: list[dict], config: WarmupConfig) -> list[dict]
     return metrics
 
 
-@torch.no_grad()
 def heldout_perplexity_by_category(model, tokenizer, examples: list[Example], config: DataConfig) -> dict:
-    """Token-weighted response perplexity per category (and 'all') plus the active-unit fraction."""
-    samples, _ = encode_examples(tokenizer, examples, config)
-    nll: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    for batch in iter_batches(samples, config.batch_size, tokenizer.pad_token_id, "right"):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        losses = per_sample_loss(logits, batch.labels)
-        counts = response_token_counts(batch.labels)
-        for category, loss, n in zip(batch.categories, losses.tolist(), counts.tolist()):
-            nll[category] += loss * n
-            count[category] += n
-    out = {c: math.exp(nll[c] / count[c]) for c in sorted(count)}
-    out["all"] = math.exp(sum(nll.values()) / sum(count.values()))
-    return out
+    """Token-weighted response perplexity per category and 'all' (see `tinyonn.evaluate`)."""
+    from tinyonn.evaluate import heldout_perplexity
+
+    measured = heldout_perplexity(model, tokenizer, examples, config, batch_size=config.batch_size)
+    return {category: values["ppl"] for category, values in measured.items()}
 
 
 def write_report(report: dict, run_dir: str | Path) -> Path:
