@@ -54,9 +54,9 @@ def padded_grouped_mm(case):
     offsets = case["unit_offsets"].tolist()
     for i in range(e):
         n = offsets[i + 1] - offsets[i]
-        wg[i, :, :n] = case["wg"][offsets[i]:offsets[i + 1]].T
-        wu[i, :, :n] = case["wu"][offsets[i]:offsets[i + 1]].T
-        wd[i, :n] = case["wd"][:, offsets[i]:offsets[i + 1]].T
+        wg[i, :, :n] = case["wg"][offsets[i]:offsets[i + 1]].detach().T
+        wu[i, :, :n] = case["wu"][offsets[i]:offsets[i + 1]].detach().T
+        wd[i, :n] = case["wd"][:, offsets[i]:offsets[i + 1]].detach().T
     wg, wu, wd = (t.transpose(-2, -1).contiguous().transpose(-2, -1) for t in (wg, wu, wd))
     params = [p.requires_grad_() for p in (wg, wu, wd)]
     offs = case["token_offsets"][1:].to(torch.int32)

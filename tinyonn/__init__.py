@@ -20,7 +20,6 @@ from tinyonn.data import (
 from tinyonn.errors import DataFormatError, TeacherNotFoundError, TinyONNError, UnsupportedArchitectureError
 from tinyonn.assemble import assemble
 from tinyonn.cluster import ClusterConfig, cluster
-from tinyonn.model import TinyONNConfig, TinyONNForCausalLM
 from tinyonn.plan import ExpertPlan
 from tinyonn.probe import probe
 from tinyonn.routing import RoutingConfig
@@ -30,10 +29,16 @@ from tinyonn.teacher import FFNLayer, dequantize, ffn_layout, load_teacher
 
 __version__ = "0.1.0"
 
+try:  # importing the model registers TinyONN with the transformers Auto classes
+    from tinyonn.model import TinyONNConfig, TinyONNForCausalLM
+except ImportError:  # an older transformers (the GPU image's 5.17): probe and clustering still work
+    pass
+
 __all__ = [
-    "Batch", "ClusterConfig", "DataConfig", "ExpertPlan", "ProbeConfig", "RoutingConfig", "TinyONNConfig",
-    "TinyONNForCausalLM", "assemble", "cluster", "ScoreConfig", "ScoreStore", "probe", "score_store", "DataFormatError", "EncodedSample", "Example", "FFNLayer", "PretrainConfig",
-    "TeacherModelConfig", "TeacherNotFoundError", "TinyONNError", "UnsupportedArchitectureError",
-    "collate", "dequantize", "encode_example", "encode_examples", "ffn_layout", "iter_batches",
-    "load_probe_set", "load_teacher", "per_sample_loss", "read_examples",
+    "assemble", "Batch", "cluster", "ClusterConfig", "collate", "DataConfig", "DataFormatError", "dequantize",
+    "encode_example", "encode_examples", "EncodedSample", "Example", "ExpertPlan", "ffn_layout", "FFNLayer",
+    "iter_batches", "load_probe_set", "load_teacher", "per_sample_loss", "PretrainConfig", "probe",
+    "ProbeConfig", "read_examples", "RoutingConfig", "score_store", "ScoreConfig", "ScoreStore",
+    "TeacherModelConfig", "TeacherNotFoundError", "TinyONNConfig", "TinyONNError", "TinyONNForCausalLM",
+    "UnsupportedArchitectureError",
 ]
