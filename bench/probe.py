@@ -158,7 +158,7 @@ def run_shape(shape: str, iters: int) -> dict:
         quantize_nf4(model)
         seconds, peak = timed(lambda: probe_batch(model, batch, compiled), iters)
         out.update(probe_nf4_tok_s=tokens / seconds, probe_nf4_peak_gib=peak)
-    del model
+    model = compiled_model = None  # free the GPU memory before the next shape
     release()
     out["probe_over_train"] = out["probe_tok_s"] / out["train_tok_s"]
     out["probe_over_train_eager"] = out["probe_eager_tok_s"] / out["train_eager_tok_s"]

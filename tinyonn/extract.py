@@ -65,7 +65,6 @@ def oracle_mask(layer, x: torch.Tensor, budget_units: float) -> torch.Tensor:
 
 def use_oracle_routing(model, budgets: list[float]) -> list:
     """Route every MoE layer by its oracle (within budgets[i] routed units); returns hook handles."""
-    from tinyonn.routing import RoutingConfig
 
     def make_hook(budget):
         def hook(layer, args):

@@ -27,7 +27,7 @@ from torch.func import vmap
 
 from tinyonn import decoder
 from tinyonn.config import ProbeConfig
-from tinyonn.data import Batch, EncodedSample, Example, collate, encode_examples, per_sample_loss
+from tinyonn.data import Batch, EncodedSample, collate, encode_examples
 from tinyonn.teacher import FFNLayer, decoder_layers, dequantize, ffn_layout
 from tinyonn.unit_stats import choose_method, head_stats, layer_unit_stats
 
