@@ -32,15 +32,21 @@ BLOCK = 32
 
 
 @triton.jit
-def _swiglu_h_kernel(tiles_ptr, x_ptr, wg_ptr, wu_ptr, h_ptr, D,
-                     s_xm, s_xd, s_wu, s_wd, s_hm, s_hn,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _unit_tile(tiles_ptr, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's (token rows × units) tile: indices, masks and the unit column base."""
     tile = tiles_ptr + tl.program_id(0) * 5
     r0, r_end = tl.load(tile), tl.load(tile + 1)
     c0, c_end, c_base = tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4)
     rows = (r0 + tl.arange(0, BM)).to(tl.int64)
     units = (c0 + tl.arange(0, BN)).to(tl.int64)
-    rmask, umask = rows < r_end, units < c_end
+    return rows, units, rows < r_end, units < c_end, c_base
+
+
+@triton.jit
+def _swiglu_h_kernel(tiles_ptr, x_ptr, wg_ptr, wu_ptr, h_ptr, D,
+                     s_xm, s_xd, s_wu, s_wd, s_hm, s_hn,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    rows, units, rmask, umask, c_base = _unit_tile(tiles_ptr, BM, BN)
     acc_g = tl.full((BM, BN), 0.0, tl.float32)
     acc_u = tl.full((BM, BN), 0.0, tl.float32)
     for k in range(0, D, BK):
@@ -60,12 +66,7 @@ def _swiglu_h_kernel(tiles_ptr, x_ptr, wg_ptr, wu_ptr, h_ptr, D,
 def _swiglu_h_backward_kernel(tiles_ptr, x_ptr, dy_ptr, wg_ptr, wu_ptr, wd_ptr, h_ptr, dg_ptr, du_ptr, D,
                               s_xm, s_xd, s_wu, s_wd, s_dd, s_du, s_hm, s_hn,
                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    tile = tiles_ptr + tl.program_id(0) * 5
-    r0, r_end = tl.load(tile), tl.load(tile + 1)
-    c0, c_end, c_base = tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4)
-    rows = (r0 + tl.arange(0, BM)).to(tl.int64)
-    units = (c0 + tl.arange(0, BN)).to(tl.int64)
-    rmask, umask = rows < r_end, units < c_end
+    rows, units, rmask, umask, c_base = _unit_tile(tiles_ptr, BM, BN)
     acc_g = tl.full((BM, BN), 0.0, tl.float32)
     acc_u = tl.full((BM, BN), 0.0, tl.float32)
     acc_dh = tl.full((BM, BN), 0.0, tl.float32)
