@@ -1,246 +1,300 @@
 """Ragged grouped SwiGLU in Triton: tokens sorted by expert, any number of units per expert (0 included).
 
-Same signatures as `reference.py`. The launch grids enumerate tiles precomputed on the host from the
-offsets, so ragged sizes need no padding of the weights: each tile knows its row range, column range
-and reduction (K) range and masks everything beyond them. Three kernels:
+Same signatures and layout as `reference.py`. Dispatch pads every expert's rows to a multiple of
+`ROW_BLOCK` (= the kernels' row tile), so a row tile belongs to exactly one expert and sums over an
+expert's tokens never need masks. Units stay ragged: all three weights are [U, d] (a unit is a row).
+Every tile moves through TMA tensor descriptors built in the kernel; a descriptor over just the
+expert's weight rows loads zeros past its last unit (and past d) and drops stores there, so the
+main loops carry no masks.
 
-- `_swiglu_h_kernel`: h = silu(x·Wg^T)·(x·Wu^T) for (token block × unit block) of one expert.
-- `_swiglu_h_backward_kernel`: recomputes g, u and takes dh = dy·Wd in the same loop over d, then
-  writes h, dg, du.
-- `_ragged_matmul_kernel`: out[r, c] = Σ_{k in tile's K range} a[r, k]·b[k, c] (+ a2·b2), with strides
-  and index shifts per operand; it does y = h·Wd^T, dx = dg·Wg + du·Wu, dWg = dg^T·x, dWu = du^T·x and
-  dWd = (h^T·dy)^T.
+Kernels (all accumulate in fp32; fp32 inputs use IEEE dots):
+- `_units_kernel`  (row tile × unit tile, K = d): forward g = x·Wg^T, u = x·Wu^T, h = silu(g)·u; backward
+  dh = dy·Wd^T and, from the saved g and u, dg and du. Columns past the
+  expert's last unit are written as zeros, so the next kernel can sum over whole K tiles.
+- `_rows_kernel`   (row tile × d tile, K = the expert's units): y = h·Wd, or dx = dg·Wg + du·Wu.
+- `_weights_kernel` (unit tile × d tile, K = the expert's rows): dWg = dg^T·x and dWu = du^T·x, or
+  dWd = h^T·dy, plus each tile's squared norm (summed per expert afterwards: SMK's surprise²).
 
-h, dg, du live in an [M, max units] buffer whose column j is unit `unit_offsets[e] + j` of row's expert
-(only the expert's own units are ever computed). Accumulation is fp32; fp32 inputs use IEEE dots.
-The offsets are read on the host (one sync per call) to build the tiles.
-
-The kernels use only Triton builtins (`tl.full`, `tl.exp`, not the `tl.zeros` / `tl.sigmoid` helpers of
-triton.language.standard): those helpers are fixed as compiled or interpreted when triton is first
-imported, so they would break `TRITON_INTERPRET=1` runs in a process that imported triton earlier
-(e.g. torch.compile in another test).
+The activation buffers h, g, u (and dg, du) are [R, H], H = `max_units` rounded up to `UNIT_PAD`:
+column j of a row is unit `unit_offsets[e] + j` of the row's expert. Grids enumerate the largest
+possible number of tiles and programs without work return at once, so nothing waits on the host.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from tinyonn.kernels.reference import ROW_BLOCK, SwiGLUGrads
 
-BLOCK = 32
-"""Default block size for rows, columns and K (tl.dot needs ≥ 16)."""
+UNIT_PAD = 128
+"""The activation buffers' width is a multiple of this (≥ every unit tile of the kernels)."""
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_AUTOTUNE = os.environ.get("TINYONN_AUTOTUNE", "1") != "0"
+"""`TINYONN_AUTOTUNE=0`: each kernel runs its first config (the best one measured on an H200)."""
 
 
+def _configs(options: list[dict], warps: list[int], stages: list[int]) -> list[triton.Config]:
+    if _INTERPRET:  # the interpreter runs each config: one small one keeps CPU tests fast
+        return [triton.Config({key: min(option[key] for option in options) for key in options[0]}, num_warps=4)]
+    configs = [triton.Config(option, num_warps=w, num_stages=s) for option in options for w in warps for s in stages]
+    return configs if _AUTOTUNE else configs[:1]
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.autotune(configs=_configs([{"BN": 64, "BK": 64}, {"BN": 128, "BK": 64}], [4, 8], [3, 4, 5]),
+                 key=["D", "H", "BACKWARD", "SAVE"])
 @triton.jit
-def _unit_tile(tiles_ptr, BM: tl.constexpr, BN: tl.constexpr):
-    """This program's (token rows × units) tile: indices, masks and the unit column base."""
-    tile = tiles_ptr + tl.program_id(0) * 5
-    r0, r_end = tl.load(tile), tl.load(tile + 1)
-    c0, c_end, c_base = tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4)
-    rows = (r0 + tl.arange(0, BM)).to(tl.int64)
-    units = (c0 + tl.arange(0, BN)).to(tl.int64)
-    return rows, units, rows < r_end, units < c_end, c_base
-
-
-@triton.jit
-def _swiglu_h_kernel(tiles_ptr, x_ptr, wg_ptr, wu_ptr, h_ptr, D,
-                     s_xm, s_xd, s_wu, s_wd, s_hm, s_hn,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    rows, units, rmask, umask, c_base = _unit_tile(tiles_ptr, BM, BN)
-    acc_g = tl.full((BM, BN), 0.0, tl.float32)
-    acc_u = tl.full((BM, BN), 0.0, tl.float32)
+def _units_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, tile_expert_ptr, unit_offsets_ptr,
+                  R, D, H, max_units,
+                  BACKWARD: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Forward: x, w1 = Wg, w2 = Wu → h (and g, u when SAVE). Backward: x = dy, w1 = Wd, saved g, u → dg, du."""
+    pid = tl.program_id(0)
+    unit_tiles = tl.cdiv(max_units, BN)
+    tile, j = pid // unit_tiles, pid % unit_tiles
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    u0 = tl.load(unit_offsets_ptr + expert)
+    n = tl.load(unit_offsets_ptr + expert + 1) - u0
+    if j * BN >= n:
+        return
+    # descriptors over the expert's own weight rows: rows past its last unit (and columns past d) load as 0
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[R, D], strides=[D, 1], block_shape=[BM, BK])
+    w1_desc = tl.make_tensor_descriptor(w1_ptr + u0.to(tl.int64) * D, shape=[n, D], strides=[D, 1],
+                                        block_shape=[BN, BK])
+    w2_desc = tl.make_tensor_descriptor(w2_ptr + u0.to(tl.int64) * D, shape=[n, D], strides=[D, 1],
+                                        block_shape=[BN, BK])
+    acc1 = tl.full((BM, BN), 0.0, tl.float32)
+    acc2 = tl.full((BM, BN), 0.0, tl.float32)
     for k in range(0, D, BK):
-        ks = k + tl.arange(0, BK)
-        kmask = ks < D
-        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w_offs = units[None, :] * s_wu + ks[:, None] * s_wd
-        w_mask = kmask[:, None] & umask[None, :]
-        acc_g = tl.dot(x, tl.load(wg_ptr + w_offs, mask=w_mask, other=0.0), acc_g, input_precision=PREC)
-        acc_u = tl.dot(x, tl.load(wu_ptr + w_offs, mask=w_mask, other=0.0), acc_u, input_precision=PREC)
-    h = acc_g * (1.0 / (1.0 + tl.exp(-acc_g))) * acc_u
-    h_offs = rows[:, None] * s_hm + (units - c_base)[None, :] * s_hn
-    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & umask[None, :])
+        a = x_desc.load([tile * BM, k])
+        acc1 = tl.dot(a, w1_desc.load([j * BN, k]).T, acc1, input_precision=PREC)
+        if not BACKWARD:
+            acc2 = tl.dot(a, w2_desc.load([j * BN, k]).T, acc2, input_precision=PREC)
+    valid = (j * BN + tl.arange(0, BN) < n)[None, :]
+    at = [tile * BM, j * BN]
+    if BACKWARD:
+        g = tl.make_tensor_descriptor(g_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BN]).load(at)
+        u = tl.make_tensor_descriptor(u_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BN]).load(at)
+        g, u = g.to(tl.float32), u.to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        dg = acc1 * u * sig * (1.0 + g * (1.0 - sig))
+        du = acc1 * g * sig
+        dg_desc = tl.make_tensor_descriptor(dg_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BN])
+        du_desc = tl.make_tensor_descriptor(du_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BN])
+        dg_desc.store(at, tl.where(valid, dg, 0.0).to(dg_ptr.dtype.element_ty))
+        du_desc.store(at, tl.where(valid, du, 0.0).to(du_ptr.dtype.element_ty))
+    else:
+        h = acc1 * (1.0 / (1.0 + tl.exp(-acc1))) * acc2
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BN])
+        h_desc.store(at, tl.where(valid, h, 0.0).to(h_ptr.dtype.element_ty))
+        if SAVE:
+            g_desc = tl.make_tensor_descriptor(g_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BN])
+            u_desc = tl.make_tensor_descriptor(u_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BN])
+            g_desc.store(at, tl.where(valid, acc1, 0.0).to(g_ptr.dtype.element_ty))
+            u_desc.store(at, tl.where(valid, acc2, 0.0).to(u_ptr.dtype.element_ty))
 
 
+@triton.autotune(configs=_configs([{"BN": 128, "BK": 32}, {"BN": 128, "BK": 64}, {"BN": 256, "BK": 64}],
+                                  [4, 8], [3, 4, 5]),
+                 key=["D", "H", "TWO"])
 @triton.jit
-def _swiglu_h_backward_kernel(tiles_ptr, x_ptr, dy_ptr, wg_ptr, wu_ptr, wd_ptr, h_ptr, dg_ptr, du_ptr, D,
-                              s_xm, s_xd, s_wu, s_wd, s_dd, s_du, s_hm, s_hn,
-                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    rows, units, rmask, umask, c_base = _unit_tile(tiles_ptr, BM, BN)
-    acc_g = tl.full((BM, BN), 0.0, tl.float32)
-    acc_u = tl.full((BM, BN), 0.0, tl.float32)
-    acc_dh = tl.full((BM, BN), 0.0, tl.float32)
-    for k in range(0, D, BK):
-        ks = k + tl.arange(0, BK)
-        kmask = ks < D
-        x_mask = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xd, mask=x_mask, other=0.0)
-        dy = tl.load(dy_ptr + rows[:, None] * s_xm + ks[None, :] * s_xd, mask=x_mask, other=0.0)
-        w_mask = kmask[:, None] & umask[None, :]
-        w_offs = units[None, :] * s_wu + ks[:, None] * s_wd
-        acc_g = tl.dot(x, tl.load(wg_ptr + w_offs, mask=w_mask, other=0.0), acc_g, input_precision=PREC)
-        acc_u = tl.dot(x, tl.load(wu_ptr + w_offs, mask=w_mask, other=0.0), acc_u, input_precision=PREC)
-        wd = tl.load(wd_ptr + ks[:, None] * s_dd + units[None, :] * s_du, mask=w_mask, other=0.0)
-        acc_dh = tl.dot(dy, wd, acc_dh, input_precision=PREC)
-    sig = (1.0 / (1.0 + tl.exp(-acc_g)))
-    s = acc_g * sig
-    du = acc_dh * s
-    dg = acc_dh * acc_u * sig * (1.0 + acc_g * (1.0 - sig))
-    offs = rows[:, None] * s_hm + (units - c_base)[None, :] * s_hn
-    mask = rmask[:, None] & umask[None, :]
-    tl.store(h_ptr + offs, (s * acc_u).to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
-    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _ragged_matmul_kernel(tiles_ptr, a_ptr, b_ptr, a2_ptr, b2_ptr, out_ptr,
-                          s_ar, s_ak, s_bk, s_bn, s_or, s_on, HAS_SECOND: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    # tile: rows [r0, r_end), cols [c0, c_end), K [k0, k_end); a is read at (r - a_r_shift, k - a_k_shift)
-    tile = tiles_ptr + tl.program_id(0) * 8
-    r0, r_end = tl.load(tile), tl.load(tile + 1)
-    c0, c_end = tl.load(tile + 2), tl.load(tile + 3)
-    k0, k_end = tl.load(tile + 4), tl.load(tile + 5)
-    a_r_shift, a_k_shift = tl.load(tile + 6), tl.load(tile + 7)
-    rows = (r0 + tl.arange(0, BM)).to(tl.int64)
-    cols = (c0 + tl.arange(0, BN)).to(tl.int64)
-    rmask, cmask = rows < r_end, cols < c_end
+def _rows_kernel(a1_ptr, w1_ptr, a2_ptr, w2_ptr, out_ptr, tile_expert_ptr, unit_offsets_ptr,
+                 R, D, H,
+                 TWO: tl.constexpr, PREC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[rows, d tile] = a1·W1_e (+ a2·W2_e), K over the expert's units; zeros for unowned tiles."""
+    pid = tl.program_id(0)
+    d_tiles = tl.cdiv(D, BN)
+    tile, j = pid // d_tiles, pid % d_tiles
+    expert = tl.load(tile_expert_ptr + tile)
     acc = tl.full((BM, BN), 0.0, tl.float32)
-    for k in range(k0, k_end, BK):
-        ks = (k + tl.arange(0, BK)).to(tl.int64)
-        kmask = ks < k_end
-        a_offs = (rows - a_r_shift)[:, None] * s_ar + (ks - a_k_shift)[None, :] * s_ak
-        a_mask = rmask[:, None] & kmask[None, :]
-        b_offs = ks[:, None] * s_bk + cols[None, :] * s_bn
-        b_mask = kmask[:, None] & cmask[None, :]
-        acc = tl.dot(tl.load(a_ptr + a_offs, mask=a_mask, other=0.0), tl.load(b_ptr + b_offs, mask=b_mask, other=0.0),
-                     acc, input_precision=PREC)
-        if HAS_SECOND:
-            acc = tl.dot(tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0),
-                         tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0), acc, input_precision=PREC)
-    out_offs = rows[:, None] * s_or + cols[None, :] * s_on
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    if expert >= 0:
+        u0 = tl.load(unit_offsets_ptr + expert)
+        n = tl.load(unit_offsets_ptr + expert + 1) - u0
+        rows = tl.maximum(n, 1)  # a 0-unit expert runs no K step; its descriptor just needs a valid shape
+        a1_desc = tl.make_tensor_descriptor(a1_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BK])
+        a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BK])
+        w1_desc = tl.make_tensor_descriptor(w1_ptr + u0.to(tl.int64) * D, shape=[rows, D], strides=[D, 1],
+                                            block_shape=[BK, BN])
+        w2_desc = tl.make_tensor_descriptor(w2_ptr + u0.to(tl.int64) * D, shape=[rows, D], strides=[D, 1],
+                                            block_shape=[BK, BN])
+        for k in range(0, n, BK):  # weight rows past the expert load as 0
+            acc = tl.dot(a1_desc.load([tile * BM, k]), w1_desc.load([k, j * BN]), acc, input_precision=PREC)
+            if TWO:
+                acc = tl.dot(a2_desc.load([tile * BM, k]), w2_desc.load([k, j * BN]), acc, input_precision=PREC)
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[R, D], strides=[D, 1], block_shape=[BM, BN])
+    out_desc.store([tile * BM, j * BN], acc.to(out_ptr.dtype.element_ty))
 
 
-# ---------------------------------------------------------------- host side: tiles and launches
+@triton.autotune(configs=_configs([{"BU": 64, "BN": 128, "BK": 64}, {"BU": 128, "BN": 128, "BK": 64},
+                                   {"BU": 128, "BN": 64, "BK": 64}], [4, 8], [3, 4]),
+                 key=["D", "H", "TWO"], reset_to_zero=["sq_ptr"])
+@triton.jit
+def _weights_kernel(a1_ptr, a2_ptr, b_ptr, dw1_ptr, dw2_ptr, sq_ptr, segment_offsets_ptr, unit_offsets_ptr,
+                    R, D, H, max_units, sq_stride,
+                    TWO: tl.constexpr, PREC: tl.constexpr,
+                    BU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """dW1[expert's units, d tile] = a1^T·b (and dW2 = a2^T·b), K over the expert's rows; the tile's
+    squared norm goes to sq[expert, unit tile · d tile] (a row of `sq_stride` zeros per expert)."""
+    pid = tl.program_id(0)
+    unit_tiles, d_tiles = tl.cdiv(max_units, BU), tl.cdiv(D, BN)
+    per_expert = unit_tiles * d_tiles
+    expert, j, jd = pid // per_expert, (pid // d_tiles) % unit_tiles, pid % d_tiles
+    u0 = tl.load(unit_offsets_ptr + expert)
+    n = tl.load(unit_offsets_ptr + expert + 1) - u0
+    if j * BU >= n:
+        return
+    r0 = tl.load(segment_offsets_ptr + expert)
+    r1 = tl.load(segment_offsets_ptr + expert + 1)
+    a1_desc = tl.make_tensor_descriptor(a1_ptr, shape=[R, H], strides=[H, 1], block_shape=[BK, BU])
+    a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[R, H], strides=[H, 1], block_shape=[BK, BU])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[R, D], strides=[D, 1], block_shape=[BK, BN])
+    acc1 = tl.full((BU, BN), 0.0, tl.float32)
+    acc2 = tl.full((BU, BN), 0.0, tl.float32)
+    for r in range(r0, r1, BK):
+        b = b_desc.load([r, jd * BN])
+        acc1 = tl.dot(a1_desc.load([r, j * BU]).T, b, acc1, input_precision=PREC)
+        if TWO:
+            acc2 = tl.dot(a2_desc.load([r, j * BU]).T, b, acc2, input_precision=PREC)
+    # the expert's rows only: the store drops rows past its last unit (they belong to the next expert)
+    dw1_desc = tl.make_tensor_descriptor(dw1_ptr + u0.to(tl.int64) * D, shape=[n, D], strides=[D, 1],
+                                         block_shape=[BU, BN])
+    dw1_desc.store([j * BU, jd * BN], acc1.to(dw1_ptr.dtype.element_ty))
+    valid = (j * BU + tl.arange(0, BU) < n)[:, None] & (jd * BN + tl.arange(0, BN) < D)[None, :]
+    acc1 = tl.where(valid, acc1, 0.0)
+    sq = tl.sum(tl.sum(acc1 * acc1, axis=1), axis=0)
+    if TWO:
+        dw2_desc = tl.make_tensor_descriptor(dw2_ptr + u0.to(tl.int64) * D, shape=[n, D], strides=[D, 1],
+                                             block_shape=[BU, BN])
+        dw2_desc.store([j * BU, jd * BN], acc2.to(dw2_ptr.dtype.element_ty))
+        acc2 = tl.where(valid, acc2, 0.0)
+        sq += tl.sum(tl.sum(acc2 * acc2, axis=1), axis=0)
+    tl.store(sq_ptr + expert * sq_stride + pid % per_expert, sq)
 
 
-def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
-    values = offsets.tolist()
-    return list(zip(values[:-1], values[1:]))
-
-
-def _tile_tensor(rows: list[tuple[int, ...]], width: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, width)
-
-
-def _unit_tiles(tokens, units, block, device):
-    """(token block × unit block) of each expert: (r0, r_end, u0, u_end, expert's first unit)."""
-    tiles = [(r, m1, c, u1, u0) for (m0, m1), (u0, u1) in zip(tokens, units)
-             for r in range(m0, m1, block) for c in range(u0, u1, block)]
-    return _tile_tensor(tiles, 5, device)
-
-
-def _row_tiles(tokens, units, d, block, device):
-    """(token block × d block), K = the expert's units (0 units: the tile writes zeros)."""
-    tiles = [(r, m1, c, d, u0, u1, 0, u0) for (m0, m1), (u0, u1) in zip(tokens, units)
-             for r in range(m0, m1, block) for c in range(0, d, block)]
-    return _tile_tensor(tiles, 8, device)
-
-
-def _weight_tiles(tokens, units, d, block, device):
-    """(unit block × d block), K = the expert's tokens (0 tokens: the tile writes zeros)."""
-    tiles = [(r, u1, c, d, m0, m1, u0, 0) for (m0, m1), (u0, u1) in zip(tokens, units)
-             for r in range(u0, u1, block) for c in range(0, d, block)]
-    return _tile_tensor(tiles, 8, device)
+# ---------------------------------------------------------------- launchers
 
 
 def _precision(*tensors: torch.Tensor) -> str:
     return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
 
 
-def _matmul(tiles, a, b, out, a_strides, b_strides, out_strides, block, prec, a2=None, b2=None):
-    if tiles.shape[0]:
-        _ragged_matmul_kernel[(tiles.shape[0],)](
-            tiles, a, b, a if a2 is None else a2, b if b2 is None else b2, out,
-            *a_strides, *b_strides, *out_strides, HAS_SECOND=a2 is not None,
-            BM=block, BN=block, BK=block, PREC=prec)
+def _tile_expert(segment_offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows / ROW_BLOCK] int32: the expert owning each row tile, −1 past the last segment."""
+    starts = torch.arange(0, rows, ROW_BLOCK, device=segment_offsets.device, dtype=segment_offsets.dtype)
+    owner = torch.searchsorted(segment_offsets[1:].contiguous(), starts, right=True).to(torch.int32)
+    return torch.where(starts < segment_offsets[-1], owner, -1)
 
 
-def _h_buffer(x: torch.Tensor, units) -> torch.Tensor:
-    width = max([u1 - u0 for u0, u1 in units], default=0)
-    return x.new_zeros(x.shape[0], max(width, 1))
+def _check(x_sorted: torch.Tensor, weights: tuple[torch.Tensor, ...], max_units: int) -> None:
+    if x_sorted.shape[0] % ROW_BLOCK:
+        raise ValueError(f"x_sorted has {x_sorted.shape[0]} rows; dispatch pads to a multiple of {ROW_BLOCK}")
+    for w in weights:
+        if w.shape[1] != x_sorted.shape[1]:
+            raise ValueError(f"weights are [U, d] with d = {x_sorted.shape[1]}; got {tuple(w.shape)}")
+    if max_units < 0:
+        raise ValueError("max_units must be ≥ 0")
+    if x_sorted.shape[1] * x_sorted.element_size() % 16:
+        raise ValueError(f"rows of {x_sorted.shape[1]} × {x_sorted.element_size()} bytes: TMA needs a multiple of 16 bytes")
 
 
-def _forward(x, tokens, units, w_gate, w_up, w_down, block):
-    d, prec = x.shape[1], _precision(x, w_gate)
-    h = _h_buffer(x, units)
-    tiles = _unit_tiles(tokens, units, block, x.device)
-    if tiles.shape[0]:
-        _swiglu_h_kernel[(tiles.shape[0],)](tiles, x, w_gate, w_up, h, d, x.stride(0), x.stride(1),
-                                            w_gate.stride(0), w_gate.stride(1), h.stride(0), h.stride(1),
-                                            BM=block, BN=block, BK=block, PREC=prec)
-    y = x.new_zeros(x.shape[0], w_down.shape[0])
-    _matmul(_row_tiles(tokens, units, w_down.shape[0], block, x.device), h, w_down, y,
-            (h.stride(0), h.stride(1)), (w_down.stride(1), w_down.stride(0)), (y.stride(0), y.stride(1)), block, prec)
-    return y
+def _width(max_units: int) -> int:
+    return max(UNIT_PAD, -(-max_units // UNIT_PAD) * UNIT_PAD)
 
 
-def _backward(dy, x, tokens, units, w_gate, w_up, w_down, block):
-    d, prec = x.shape[1], _precision(x, w_gate)
-    h, dg, du = _h_buffer(x, units), _h_buffer(x, units), _h_buffer(x, units)
-    tiles = _unit_tiles(tokens, units, block, x.device)
-    if tiles.shape[0]:
-        _swiglu_h_backward_kernel[(tiles.shape[0],)](
-            tiles, x, dy, w_gate, w_up, w_down, h, dg, du, d, x.stride(0), x.stride(1),
-            w_gate.stride(0), w_gate.stride(1), w_down.stride(0), w_down.stride(1), h.stride(0), h.stride(1),
-            BM=block, BN=block, BK=block, PREC=prec)
-    hs = (h.stride(0), h.stride(1))
-    dx = torch.zeros_like(x)
-    _matmul(_row_tiles(tokens, units, d, block, x.device), dg, w_gate, dx, hs,
-            (w_gate.stride(0), w_gate.stride(1)), (dx.stride(0), dx.stride(1)), block, prec, a2=du, b2=w_up)
-    weight_tiles = _weight_tiles(tokens, units, d, block, x.device)
-    hs_t = (h.stride(1), h.stride(0))  # a[unit, token] = buffer[token, unit - u0]
-    dw_gate, dw_up, dw_down = torch.zeros_like(w_gate), torch.zeros_like(w_up), torch.zeros_like(w_down)
-    _matmul(weight_tiles, dg, x, dw_gate, hs_t, (x.stride(0), x.stride(1)), (dw_gate.stride(0), dw_gate.stride(1)),
-            block, prec)
-    _matmul(weight_tiles, du, x, dw_up, hs_t, (x.stride(0), x.stride(1)), (dw_up.stride(0), dw_up.stride(1)),
-            block, prec)
-    _matmul(weight_tiles, h, dy, dw_down, hs_t, (dy.stride(0), dy.stride(1)),
-            (dw_down.stride(1), dw_down.stride(0)), block, prec)
-    return dx, dw_gate, dw_up, dw_down
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors the kernels build on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-class RaggedSwiGLU(torch.autograd.Function):
-    """Autograd wrapper: forward and backward both in Triton (h is recomputed in the backward)."""
-
-    @staticmethod
-    def forward(ctx, x_sorted, token_offsets, w_gate, w_up, w_down, unit_offsets, block=BLOCK):
-        x_sorted, w_gate, w_up, w_down = (t.contiguous() for t in (x_sorted, w_gate, w_up, w_down))
-        ctx.tokens, ctx.units, ctx.block = _bounds(token_offsets), _bounds(unit_offsets), block
-        ctx.save_for_backward(x_sorted, w_gate, w_up, w_down)
-        return _forward(x_sorted, ctx.tokens, ctx.units, w_gate, w_up, w_down, block)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x_sorted, w_gate, w_up, w_down = ctx.saved_tensors
-        dx, dw_gate, dw_up, dw_down = _backward(dy.contiguous(), x_sorted, ctx.tokens, ctx.units,
-                                                w_gate, w_up, w_down, ctx.block)
-        return dx, None, dw_gate, dw_up, dw_down, None, None
+def _prepare(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        triton.set_allocator(_tma_scratch)
 
 
-def ragged_swiglu(x_sorted: torch.Tensor, token_offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                  w_down: torch.Tensor, unit_offsets: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
-    """y [M, d] of `reference.ragged_swiglu`, differentiable (Triton forward and backward)."""
-    return RaggedSwiGLU.apply(x_sorted, token_offsets, w_gate, w_up, w_down, unit_offsets, block)
+def _launch_units(x, w1, w2, g, u, h, dg, du, tile_expert, unit_offsets, max_units, backward, save, prec):
+    rows, d = x.shape
+    tiles = rows // ROW_BLOCK
+    _units_kernel[lambda meta: (tiles * triton.cdiv(max_units, meta["BN"]),)](
+        x, w1, w2, g, u, h, dg, du, tile_expert, unit_offsets, rows, d, h.shape[1], max_units,
+        BACKWARD=backward, SAVE=save, PREC=prec, BM=ROW_BLOCK)
 
 
-def ragged_swiglu_backward(dy: torch.Tensor, x_sorted: torch.Tensor, token_offsets: torch.Tensor,
-                           w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                           unit_offsets: torch.Tensor, *, block: int = BLOCK
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw_gate, dw_up, dw_down) of `reference.ragged_swiglu_backward`, in Triton."""
+def _launch_rows(a1, w1, a2, w2, out, tile_expert, unit_offsets, two, prec):
+    rows, d = out.shape
+    tiles = rows // ROW_BLOCK
+    _rows_kernel[lambda meta: (tiles * triton.cdiv(d, meta["BN"]),)](
+        a1, w1, a2, w2, out, tile_expert, unit_offsets, rows, d, a1.shape[1],
+        TWO=two, PREC=prec, BM=ROW_BLOCK)
+
+
+def _launch_weights(a1, a2, b, dw1, dw2, segment_offsets, unit_offsets, max_units, two, prec) -> torch.Tensor:
+    """Runs `_weights_kernel`; returns [E] Σ of the tiles' squared norms."""
+    experts, d = unit_offsets.shape[0] - 1, b.shape[1]
+    stride = triton.cdiv(max_units, 32) * triton.cdiv(d, 32)  # ≥ tiles per expert for any config
+    sq = torch.zeros(experts, stride, device=b.device, dtype=torch.float32)
+    _weights_kernel[lambda meta: (experts * triton.cdiv(max_units, meta["BU"]) * triton.cdiv(d, meta["BN"]),)](
+        a1, a2, b, dw1, dw2, sq, segment_offsets, unit_offsets, b.shape[0], d, a1.shape[1], max_units, stride,
+        TWO=two, PREC=prec)
+    return sq.sum(1)
+
+
+def ragged_swiglu(x_sorted: torch.Tensor, segment_offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                  w_down: torch.Tensor, unit_offsets: torch.Tensor, max_units: int, save: bool = False):
+    """y [R, d] = per expert (silu(x·Wg^T)·(x·Wu^T))·Wd; with `save`, (y, (g, u, h)) for the backward.
+
+    `max_units` is the largest expert's unit count (a Python int: it sizes the grids and buffers).
+    """
+    _check(x_sorted, (w_gate, w_up, w_down), max_units)
+    _prepare(x_sorted)
     x_sorted, w_gate, w_up, w_down = (t.contiguous() for t in (x_sorted, w_gate, w_up, w_down))
-    return _backward(dy.contiguous(), x_sorted, _bounds(token_offsets), _bounds(unit_offsets),
-                     w_gate, w_up, w_down, block)
+    rows = x_sorted.shape[0]
+    tile_expert = _tile_expert(segment_offsets, rows)
+    unit_offsets = unit_offsets.to(torch.int32)
+    width = _width(max_units)
+    h = x_sorted.new_empty(rows, width)
+    g, u = (x_sorted.new_empty(rows, width), x_sorted.new_empty(rows, width)) if save else (h, h)
+    y = torch.empty_like(x_sorted)
+    prec = _precision(x_sorted, w_gate)
+    if rows and max_units:
+        _launch_units(x_sorted, w_gate, w_up, g, u, h, h, h, tile_expert, unit_offsets, max_units, False, save, prec)
+    if rows:
+        _launch_rows(h, w_down, h, w_down, y, tile_expert, unit_offsets, False, prec)
+    return (y, (g, u, h)) if save else y
+
+
+def ragged_swiglu_backward(dy: torch.Tensor, x_sorted: torch.Tensor, segment_offsets: torch.Tensor,
+                           w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                           unit_offsets: torch.Tensor, max_units: int, saved=None) -> SwiGLUGrads:
+    """Gradients of `ragged_swiglu`. `saved` = the forward's (g, u, h) (recomputed when None).
+    `dy` must be zero on padding rows."""
+    _check(x_sorted, (w_gate, w_up, w_down), max_units)
+    _prepare(x_sorted)
+    dy, x_sorted, w_gate, w_up, w_down = (t.contiguous() for t in (dy, x_sorted, w_gate, w_up, w_down))
+    if saved is None:
+        _, saved = ragged_swiglu(x_sorted, segment_offsets, w_gate, w_up, w_down, unit_offsets, max_units, save=True)
+    g, u, h = saved
+    rows = x_sorted.shape[0]
+    tile_expert = _tile_expert(segment_offsets, rows)
+    segment_offsets, unit_offsets = segment_offsets.to(torch.int32), unit_offsets.to(torch.int32)
+    prec = _precision(x_sorted, w_gate)
+    dx = torch.empty_like(x_sorted)
+    dw_gate, dw_up, dw_down = (torch.empty_like(w) for w in (w_gate, w_up, w_down))
+    sq = torch.zeros(unit_offsets.shape[0] - 1, device=x_sorted.device, dtype=torch.float32)
+    if rows and max_units:
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        _launch_units(dy, w_down, w_down, g, u, h, dg, du, tile_expert, unit_offsets, max_units, True, False, prec)
+        sq = (_launch_weights(dg, du, x_sorted, dw_gate, dw_up, segment_offsets, unit_offsets, max_units, True, prec)
+              + _launch_weights(h, h, dy, dw_down, dw_down, segment_offsets, unit_offsets, max_units, False, prec))
+        _launch_rows(dg, w_gate, du, w_up, dx, tile_expert, unit_offsets, True, prec)
+    elif rows:
+        dx.zero_()
+    return SwiGLUGrads(dx, dw_gate, dw_up, dw_down, sq)

@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; set before anything imports triton,
+    # because triton.language's jit helpers (tl.sum, tl.sigmoid, ...) fix their mode at import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

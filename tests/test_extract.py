@@ -29,7 +29,7 @@ def test_oracle_mask_takes_the_heaviest_experts_within_budget(tiny_teacher_dir):
     mask = oracle_mask(layer, x, budget_units=64)  # 8 experts of 16 units: 4 fit
     assert torch.equal(mask.sum(1), torch.full((50,), 4.0))
     h = torch.nn.functional.silu(x @ layer.w_gate.T) * (x @ layer.w_up.T)
-    mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, 8)
+    mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, 8)
     assert torch.equal(mask.bool(), torch.zeros_like(mask, dtype=torch.bool).scatter(1, mass.topk(4).indices, True))
 
 
@@ -63,7 +63,7 @@ def test_warm_up_raises_recall_and_budget_routing_works(tiny_teacher_dir):
             layer.w_up.copy_(planted)
             x = torch.randn(3000, 64)
             h = torch.nn.functional.silu(x @ layer.w_gate.T) * (x @ layer.w_up.T)
-            mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, layer.num_experts)
+            mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, layer.num_experts)
         data.append({"x": x, "target": mass / mass.sum(1, keepdim=True), "mass": mass})
     metrics = warm_up_routers(model, data, WarmupConfig(epochs=30, batch_tokens=512, lr=1e-2, recall_k=2))
     for m in metrics:

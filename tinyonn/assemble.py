@@ -1,8 +1,8 @@
 """Assemble a TinyONN model from a teacher and an expert plan.
 
 Embeddings, attention, norms and head are copied from the teacher (bitwise for a float teacher of
-the same dtype); each layer's `w_gate`/`w_up` rows and `w_down` columns are the teacher's
-gate/up/down weights gathered by the plan's unit indices (nf4/int8 teachers are dequantised first);
+the same dtype); each layer's `w_gate`/`w_up`/`w_down` rows are the teacher's gate/up rows and
+down columns gathered by the plan's unit indices (nf4/int8 teachers are dequantised first);
 routers start small-random from a seed.
 """
 
@@ -21,7 +21,8 @@ from tinyonn.routing import RoutingConfig
 from tinyonn.teacher import dequantize, ffn_layout, load_teacher
 
 if TYPE_CHECKING:  # the model module needs a newer transformers than the probe: import it on use
-    from tinyonn.model import MoELayer, TinyONNConfig, TinyONNForCausalLM
+    from tinyonn.model import TinyONNConfig, TinyONNForCausalLM
+    from tinyonn.moe_layer import MoELayer
 
 
 def _is_quantised(model: nn.Module) -> bool:
@@ -64,7 +65,7 @@ def _fill_layer(layer: MoELayer, teacher_ffn, units: torch.Tensor, shared: torch
     units, shared = units.to(gate.device), shared.to(gate.device)
     layer.w_gate.data.copy_(gate[units])
     layer.w_up.data.copy_(up[units])
-    layer.w_down.data.copy_(down[:, units])
+    layer.w_down.data.copy_(down[:, units].T)
     layer.shared_gate.data.copy_(gate[shared])
     layer.shared_up.data.copy_(up[shared])
     layer.shared_down.data.copy_(down[:, shared])

@@ -59,7 +59,7 @@ def oracle_mask(layer, x: torch.Tensor, budget_units: float) -> torch.Tensor:
     from tinyonn.routing import budget_mask
 
     h = layer_dense_h(layer, x)
-    mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, layer.num_experts)
+    mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, layer.num_experts)
     return budget_mask(torch.log(mass + 1e-30), layer.expert_sizes, budget_units)
 
 
@@ -127,7 +127,7 @@ def collect_router_data(model, examples: list[Example], tokenizer, config: Warmu
     for layer, xs in zip(layers, inputs):
         x = torch.cat(xs)[keep]
         h = layer_dense_h(layer, x)
-        mass = expert_mass(h, layer.w_down.norm(dim=0), layer.unit_expert, layer.num_experts)
+        mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, layer.num_experts)
         data.append({"x": x, "target": mass / mass.sum(1, keepdim=True).clamp_min(1e-20), "mass": mass})
     return data
 

@@ -1,0 +1,71 @@
+"""The `tinyonn` torch.compile backend on CPU: it finds the MoE dispatch pattern, substitutes
+`tinyonn::moe_experts` (forward and backward graphs), and the compiled layer matches eager."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import fx
+
+from tinyonn import compile as tinyonn_compile
+from tinyonn.moe_layer import MoELayer, moe_forward
+from tinyonn.routing import RoutingConfig
+
+
+def ops_in(graphs: list[fx.GraphModule]) -> set[str]:
+    return {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+
+
+def test_pattern_is_found_in_the_stateless_forward():
+    layer = MoELayer(16, [3, 5, 0, 2], [0, 0, 1, 1], shared_size=2, routing=RoutingConfig(top_k=2))
+    params, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(lambda x: moe_forward(params, buffers, x, layer.routing)[0], backend=capture)(torch.randn(4, 16))
+    (gm,) = graphs
+    (match,) = tinyonn_compile.find_moe_dispatch(gm.graph)
+    assert tinyonn_compile.substitute_moe_experts(gm) == 1
+    assert torch.ops.tinyonn.moe_experts.default in {n.target for n in gm.graph.nodes}
+    assert not tinyonn_compile.find_moe_dispatch(gm.graph)  # the dense masked matmul is gone
+    assert match.w_down.name != match.w_gate.name
+
+
+def test_compiled_layer_matches_eager(caplog):
+    torch.manual_seed(0)
+    layer = MoELayer(32, [6, 0, 17, 1, 9], [0, 0, 1, 1, 1], shared_size=4,
+                     routing=RoutingConfig(mode="topk", top_k=2))
+    x = torch.randn(2, 7, 32, requires_grad=True)
+
+    def run(fn):
+        layer.zero_grad()
+        x.grad = None
+        y = fn(x)
+        (y * y).sum().backward()
+        return y.detach(), [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+
+    expected, want = run(layer)
+    for graphs in tinyonn_compile.compiled_graphs.values():
+        graphs.clear()
+    with caplog.at_level(logging.INFO, logger="tinyonn.compile"):
+        actual, got = run(torch.compile(layer, backend="tinyonn"))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert "tinyonn.moe_experts.default" in ops_in(tinyonn_compile.compiled_graphs["forward"])
+    assert "tinyonn.moe_experts_backward.default" in ops_in(tinyonn_compile.compiled_graphs["backward"])
+    if not torch.cuda.is_available():
+        assert "PyTorch reference path" in caplog.text or tinyonn_compile._warned_cpu
+    assert "1 MoE dispatch pattern" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_cpu_fallback_uses_references():
+    from tinyonn.kernels import moe
+
+    assert not moe.uses_triton(torch.device("cpu"))
