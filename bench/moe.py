@@ -52,11 +52,11 @@ def make_case(d: int, tokens: int, experts: int, top_k: int, mean_units: int, se
     for e in range(experts):  # the dispatch layout: each expert's rows padded with zeros
         x_sorted[segment[e]:segment[e] + counts[e]] = x[token_offsets[e]:token_offsets[e + 1]]
     weights = [torch.randn(units, d, device=dev, dtype=bf16) / d**0.5 for _ in range(3)]
-    return dict(x=x, x_sorted=x_sorted, weights=weights, sizes=sizes, counts=counts,
-                segment_offsets=segment.to(dev), token_offsets=token_offsets.to(dev),
-                unit_offsets=torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(dev),
-                max_units=int(sizes.max()), units=units,
-                useful_fwd_flops=float((counts * sizes).sum()) * 6 * d)
+    return {"x": x, "x_sorted": x_sorted, "weights": weights, "sizes": sizes, "counts": counts,
+            "segment_offsets": segment.to(dev), "token_offsets": token_offsets.to(dev),
+            "unit_offsets": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(dev),
+            "max_units": int(sizes.max()), "units": units,
+            "useful_fwd_flops": float((counts * sizes).sum()) * 6 * d}
 
 
 def padded_grouped_mm(case: dict):
@@ -80,10 +80,9 @@ def padded_grouped_mm(case: dict):
 
 
 def kernel_rows(d, tokens, experts, top_k, mean_units, quick: bool) -> list[dict]:
-    from triton.testing import do_bench
-
     from tinyonn.kernels import reference
     from tinyonn.kernels.ragged_swiglu import ragged_swiglu, ragged_swiglu_backward
+    from triton.testing import do_bench
 
     case = make_case(d, tokens, experts, top_k, mean_units)
     wg, wu, wd = case["weights"]
@@ -94,17 +93,17 @@ def kernel_rows(d, tokens, experts, top_k, mean_units, quick: bool) -> list[dict
     dy = torch.randn_like(case["x"])
 
     def triton_fwd_bwd():
-        y, saved = ragged_swiglu(x_sorted, seg, wg, wu, wd, uo, mu, save=True)
+        _, saved = ragged_swiglu(x_sorted, seg, wg, wu, wd, uo, mu, save=True)
         return ragged_swiglu_backward(dy_sorted, x_sorted, seg, wg, wu, wd, uo, mu, saved)
 
     runs = {"triton": (lambda: ragged_swiglu(x_sorted, seg, wg, wu, wd, uo, mu), triton_fwd_bwd)}
-    loop = lambda: reference.ragged_swiglu(leaves[0], case["token_offsets"], *leaves[1:], uo, mu)  # noqa: E731
+    loop = lambda: reference.ragged_swiglu(leaves[0], case["token_offsets"], *leaves[1:], uo, mu)
     runs["loop"] = (loop, lambda: loop().backward(dy))
     gmm, _ = padded_grouped_mm(case)
     x_leaf = leaves[0]
     runs["grouped_mm"] = (lambda: gmm(x_leaf), lambda: gmm(x_leaf).backward(dy))
     dense_x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dense = lambda: (F.silu(dense_x @ leaves[1].T) * (dense_x @ leaves[2].T)) @ leaves[3]  # noqa: E731
+    dense = lambda: (F.silu(dense_x @ leaves[1].T) * (dense_x @ leaves[2].T)) @ leaves[3]
     dense_dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
     runs["dense"] = (dense, lambda: dense().backward(dense_dy))
     dense_flops = 6.0 * tokens * d * case["units"]
@@ -118,7 +117,7 @@ def kernel_rows(d, tokens, experts, top_k, mean_units, quick: bool) -> list[dict
                 fn = torch.no_grad()(fn)
             try:
                 ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-            except Exception as err:  # recorded, not hidden
+            except Exception as err:  # noqa: BLE001  (recorded in the results, not hidden)
                 print(f"{name} {mode} failed: {type(err).__name__}: {err}"[:400], flush=True)
                 row[f"{name}_tflops"] = row[f"{name}_ms"] = None
                 continue
@@ -159,11 +158,11 @@ def layer_times(d, tokens, experts, top_k, mean_units) -> dict[str, dict]:
                 "compiled_ms": torch.compile(layer, backend="tinyonn")}
     out: dict[str, dict] = {"fwd": {}, "fwd+bwd": {}}
     for key, fn in variants.items():
-        for mode in out:
+        for mode in ("fwd", "fwd+bwd"):
             step = torch.no_grad()(lambda fn=fn: fn(x)) if mode == "fwd" else (lambda fn=fn: fn(x).sum().backward())
             try:
                 out[mode][key] = do_bench(step, warmup=5, rep=60, return_mode="median")
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001  (recorded in the results, not hidden)
                 print(f"layer {key} {mode} failed: {type(err).__name__}: {err}"[:400], flush=True)
                 out[mode][key] = None
             torch._dynamo.reset() if mode == "fwd+bwd" and key != "eager_ms" else None
@@ -175,17 +174,21 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="16k tokens, top-8 only")
     parser.add_argument("--no-layer", action="store_true", help="skip the whole-layer compile timings")
     parser.add_argument("--units", type=int, default=384, help="mean units per expert")
+    parser.add_argument("--d", type=int, nargs="+", default=[1024, 2560], help="hidden sizes")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 4k, 16k, 64k)")
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--top-k", type=int, nargs="+", help="default 2 and 8")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/moe.py needs a CUDA GPU", file=sys.stderr)
         return 1
-    token_counts = (16384,) if args.quick else (4096, 16384, 65536)
+    token_counts = args.tokens or ((16384,) if args.quick else (4096, 16384, 65536))
     cases = []
-    for d in (1024, 2560):
+    for d in args.d:
         for tokens in token_counts:
-            for experts in (16, 64):
-                for top_k in ((8,) if args.quick else (2, 8)):
+            for experts in args.experts:
+                for top_k in args.top_k or ((8,) if args.quick else (2, 8)):
                     rows = kernel_rows(d, tokens, experts, top_k, args.units, args.quick)
                     anchor = tokens == 16384 and experts == 64 and top_k == 8 and (d == 2560 or args.quick)
                     layer = layer_times(d, tokens, experts, top_k, args.units) if anchor and not args.no_layer else {}
@@ -207,16 +210,22 @@ def write(args, argv, cases: list[dict]) -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 
+def _cell(case: dict, key: str, width: int = 7) -> str:
+    return f"{case[key]:{width}.1f}" if case.get(key) is not None else " " * (width - 1) + "-"
+
+
+def _ratio(case: dict, key: str) -> str:
+    return f"{case['triton_tflops'] / case[key]:5.2f}" if case.get(key) and case.get("triton_tflops") else "    -"
+
+
 def print_table(cases: list[dict]) -> None:
     print(f"{'d':>5} {'tokens':>6} {'E':>3} {'k':>2} {'pass':<8} {'triton':>7} {'gmm':>7} {'loop':>7} {'dense':>7}"
           f" {'×gmm':>5} {'×dense':>6} {'×loop':>6} {'tinyonn':>8} {'eager':>8} {'inductor':>8}")
     for c in cases:
-        f = lambda key, w=7: f"{c[key]:{w}.1f}" if c.get(key) is not None else " " * (w - 1) + "-"  # noqa: E731
-        r = lambda key: f"{c['triton_tflops'] / c[key]:5.2f}" if c.get(key) and c.get("triton_tflops") else "    -"  # noqa: E731
-        print(f"{c['d']:>5} {c['tokens']:>6} {c['E']:>3} {c['top_k']:>2} {c['pass']:<8} {f('triton_tflops')} "
-              f"{f('grouped_mm_tflops')} {f('loop_tflops')} {f('dense_tflops')} {r('grouped_mm_tflops')} "
-              f"{r('dense_tflops'):>6} {r('loop_tflops'):>6} {f('compiled_ms', 8)} {f('eager_ms', 8)} "
-              f"{f('inductor_ms', 8)}")
+        print(f"{c['d']:>5} {c['tokens']:>6} {c['E']:>3} {c['top_k']:>2} {c['pass']:<8} {_cell(c, 'triton_tflops')} "
+              f"{_cell(c, 'grouped_mm_tflops')} {_cell(c, 'loop_tflops')} {_cell(c, 'dense_tflops')} "
+              f"{_ratio(c, 'grouped_mm_tflops')} {_ratio(c, 'dense_tflops'):>6} {_ratio(c, 'loop_tflops'):>6} "
+              f"{_cell(c, 'compiled_ms', 8)} {_cell(c, 'eager_ms', 8)} {_cell(c, 'inductor_ms', 8)}")
 
 
 if __name__ == "__main__":

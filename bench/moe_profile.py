@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe import make_case  # noqa: E402
+from moe import make_case
 
 
 def main(argv=None) -> int:

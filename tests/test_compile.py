@@ -64,6 +64,12 @@ def test_compiled_layer_matches_eager(caplog):
     assert "1 MoE dispatch pattern" in caplog.text
 
 
+def test_backend_is_registered_by_name():
+    from torch._dynamo import lookup_backend
+
+    assert lookup_backend("tinyonn") is tinyonn_compile.tinyonn_backend
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cpu_fallback_uses_references():
     from tinyonn.kernels import moe

@@ -52,7 +52,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
 
 @pytest.mark.parametrize("token_sizes, unit_sizes, d", CASES)
 def test_triton_forward_matches_reference(token_sizes, unit_sizes, d):
-    *args, dy = make_case(token_sizes, unit_sizes, d)
+    *args, _ = make_case(token_sizes, unit_sizes, d)
     expected = reference.ragged_swiglu(*args)
     actual, saved = triton_swiglu.ragged_swiglu(*args, save=True)
     assert_rel_close(actual, expected)

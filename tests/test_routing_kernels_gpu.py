@@ -25,6 +25,16 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
 
 
+def group_tie_at_cut(group_logits: torch.Tensor, expert_group: torch.Tensor, top_groups: int) -> torch.Tensor:
+    """[N] bool: the top_groups-th and next populated group logits are exactly equal."""
+    if top_groups <= 0:
+        return torch.zeros(group_logits.shape[0], dtype=torch.bool, device=group_logits.device)
+    populated = torch.zeros(group_logits.shape[1], dtype=torch.bool, device=group_logits.device)
+    populated[expert_group] = True
+    ranked = group_logits.masked_fill(~populated, float("-inf")).sort(dim=1, descending=True).values
+    return ranked[:, top_groups - 1] == ranked[:, top_groups]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_topk_on_gpu(dtype):
     from tinyonn.kernels import routing, routing_reference
@@ -43,7 +53,10 @@ def test_route_topk_on_gpu(dtype):
         ref = routing_reference.route_topk(group_logits, expert_logits, expert_group, top_k, top_groups)
         ref_grads = torch.autograd.grad(ref[0], (group_logits, expert_logits), d_scores)
         assert rel_error(scores, ref[0]) < 1e-5
-        assert (ids != ref[1]).float().mean() < 1e-3  # only near-ties (rounding of exp/log) may differ
+        # bf16 logits tie exactly and often; a group tie at the top_groups cut is resolved by rounding in
+        # the reference (it ranks groups by a logsumexp of scores), so those tokens are left out
+        clear = ~group_tie_at_cut(group_logits.float(), expert_group, top_groups)
+        assert (ids != ref[1])[clear].float().mean() < 1e-3  # only near-ties (rounding of exp/log) may differ
         agree = (ids == ref[1]).all(1)
         assert rel_error(probs[agree], ref[2][agree]) < 1e-5
         for grad, ref_grad in zip(grads, ref_grads):

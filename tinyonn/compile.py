@@ -1,6 +1,6 @@
 """The `tinyonn` torch.compile backend: MoE dispatch → ragged Triton kernels, the rest → Inductor.
 
-    model = torch.compile(model, backend="tinyonn")
+    model = torch.compile(model, backend="tinyonn")   # found through the package's entry point
 
 Dynamo hands the backend each captured FX graph. `substitute_moe_experts` finds the dense masked
 expert computation of `tinyonn.moe_layer.moe_forward`,
@@ -130,7 +130,6 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, **kwargs):
 _warned_cpu = False
 
 
-@register_backend(name="tinyonn")
 def tinyonn_backend(gm: fx.GraphModule, example_inputs):
     """Dynamo backend: substitute the MoE kernels, then Inductor (aot_autograd forward and backward)."""
     global _warned_cpu
@@ -143,3 +142,7 @@ def tinyonn_backend(gm: fx.GraphModule, example_inputs):
     # no aot_autograd cache: a cache hit would skip `_inner_compile`, leaving `compiled_graphs` empty
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, inner_compile=_inner_compile)
+
+
+if "tinyonn" not in torch._dynamo.list_backends(exclude_tags=()):  # not installed: no entry point
+    register_backend(tinyonn_backend, name="tinyonn")
