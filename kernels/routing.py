@@ -34,7 +34,7 @@ DISPATCH_BLOCK = 1024
 """Flat (token, slot) pairs one dispatch step looks at."""
 DISPATCH_CHUNK = 16 * DISPATCH_BLOCK
 """Pairs per dispatch program (one running count per expert and chunk)."""
-ROW_BLOCK = 16
+GATHER_BLOCK = 16
 """Rows (or tokens) per program of the gather/combine kernels."""
 COLUMN_BLOCK = 128
 """Widest column chunk of the gather/combine kernels."""
@@ -256,9 +256,9 @@ def gather_rows(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
     rows, d = row_token.shape[0], x.shape[1]
     out = x.new_empty(rows, d)
     if rows:
-        _gather_rows_kernel[(triton.cdiv(rows, ROW_BLOCK),)](x, row_token.contiguous(), out, rows, d,
+        _gather_rows_kernel[(triton.cdiv(rows, GATHER_BLOCK),)](x, row_token.contiguous(), out, rows, d,
                                                              x.stride(0), out.stride(0),
-                                                             BLOCK_R=ROW_BLOCK, BLOCK_D=_column_block(d))
+                                                             BLOCK_R=GATHER_BLOCK, BLOCK_D=_column_block(d))
     return out
 
 
@@ -287,9 +287,9 @@ def combine_rows(y_sorted: torch.Tensor, slot_row: torch.Tensor, weights: torch.
     (n, num_slots), d = slot_row.shape, y_sorted.shape[1]
     out = y_sorted.new_empty(n, d)
     if n:
-        _combine_rows_kernel[(triton.cdiv(n, ROW_BLOCK),)](y_sorted, slot_row.contiguous(), weights.contiguous(), out,
+        _combine_rows_kernel[(triton.cdiv(n, GATHER_BLOCK),)](y_sorted, slot_row.contiguous(), weights.contiguous(), out,
                                                            n, d, num_slots, y_sorted.stride(0), out.stride(0),
-                                                           BLOCK_N=ROW_BLOCK, BLOCK_D=_column_block(d))
+                                                           BLOCK_N=GATHER_BLOCK, BLOCK_D=_column_block(d))
     return out
 
 
@@ -327,8 +327,8 @@ def combine_rows_backward(dy: torch.Tensor, y_sorted: torch.Tensor, slot_row: to
     dy_sorted = torch.zeros_like(y_sorted)
     dweights = torch.zeros(n, num_slots, dtype=torch.float32, device=dy.device)
     if n:
-        _combine_rows_backward_kernel[(triton.cdiv(n, ROW_BLOCK),)](
+        _combine_rows_backward_kernel[(triton.cdiv(n, GATHER_BLOCK),)](
             dy, y_sorted, slot_row.contiguous(), weights.contiguous(), dy_sorted, dweights,
             n, d, num_slots, dy.stride(0), y_sorted.stride(0),
-            BLOCK_N=ROW_BLOCK, BLOCK_D=_column_block(d), BLOCK_K=triton.next_power_of_2(num_slots))
+            BLOCK_N=GATHER_BLOCK, BLOCK_D=_column_block(d), BLOCK_K=triton.next_power_of_2(num_slots))
     return dy_sorted, dweights

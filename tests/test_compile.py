@@ -75,3 +75,25 @@ def test_cpu_fallback_uses_references():
     from tinyonn.kernels import moe
 
     assert not moe.uses_triton(torch.device("cpu"))
+
+
+def test_gradcheck_of_the_compiled_layer():
+    """torch.autograd.gradcheck (float64) of a MoE layer compiled with the backend, with respect to
+    the input and every expert weight (the router only selects: no straight-through path)."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, [3, 5, 0, 2], [0, 0, 1, 1], shared_size=2,
+                     routing=RoutingConfig(mode="topk", top_k=2, straight_through=False)).double()
+    names = ["w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down"]
+    params, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+
+    def layer_fn(x, *weights):
+        return moe_forward({**params, **dict(zip(names, weights))}, buffers, x, layer.routing)[0]
+
+    for graphs in tinyonn_compile.compiled_graphs.values():
+        graphs.clear()
+    compiled = torch.compile(layer_fn, backend="tinyonn")
+    inputs = [torch.randn(6, 8, dtype=torch.float64, requires_grad=True)]
+    inputs += [params[name].detach().clone().requires_grad_() for name in names]
+    assert torch.autograd.gradcheck(compiled, inputs)
+    assert any(node.target == torch.ops.tinyonn.moe_experts_backward.default
+               for graph in tinyonn_compile.compiled_graphs["backward"] for node in graph.graph.nodes)

@@ -173,3 +173,31 @@ def test_moe_forward_is_stateless(full_model):
     doubled = torch.func.functional_call(layer, (params, buffers), (x,))
     with torch.no_grad():
         assert torch.allclose(doubled, 2 * layer(x), atol=1e-5)
+
+
+def test_model_compiled_with_tinyonn_matches_eager(teacher):
+    """A whole TinyONN model under torch.compile(backend="tinyonn"): every layer's dispatch pattern
+    becomes `tinyonn::moe_experts`, and loss, logits and every gradient equal eager."""
+    from tinyonn import compile as tinyonn_compile
+
+    model = assemble(teacher, sparse_plan(), RoutingConfig(mode="topk", top_k=2), seed=1).float()
+    tokens = ids(200)
+
+    def run(fn):
+        model.zero_grad()
+        out = fn(tokens, labels=tokens)
+        out.loss.backward()
+        return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                     if p.grad is not None}
+
+    logits, grads = run(model)
+    for graphs in tinyonn_compile.compiled_graphs.values():
+        graphs.clear()
+    compiled_logits, compiled_grads = run(torch.compile(model, backend="tinyonn"))
+    torch.testing.assert_close(compiled_logits, logits, rtol=1e-4, atol=1e-4)
+    assert compiled_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    calls = [node for graph in tinyonn_compile.compiled_graphs["forward"] for node in graph.graph.nodes
+             if node.target == torch.ops.tinyonn.moe_experts.default]
+    assert len(calls) == len(model.moe_layers())
