@@ -8,9 +8,9 @@ expert's weight rows loads zeros past its last unit (and past d) and drops store
 main loops carry no masks.
 
 Kernels (all accumulate in fp32; fp32 inputs use IEEE dots):
-- `_units_kernel`  (row tile × unit tile, K = d): forward g = x·Wg^T, u = x·Wu^T, h = silu(g)·u; backward
-  dh = dy·Wd^T and, from the saved g and u, dg and du. Columns past the
-  expert's last unit are written as zeros, so the next kernel can sum over whole K tiles.
+- `_units_kernel`  (row tile × unit tile, K = d): forward g = x·Wg^T, u = x·Wu^T, h = silu(g)·u;
+  backward dh = dy·Wd^T and, from the saved g and u, dg and du. Columns past the expert's last
+  unit are written as zeros, so the next kernel can sum over whole K tiles.
 - `_rows_kernel`   (row tile × d tile, K = the expert's units): y = h·Wd, or dx = dg·Wg + du·Wu.
 - `_weights_kernel` (unit tile × d tile, K = the expert's rows): dWg = dg^T·x and dWu = du^T·x, or
   dWd = h^T·dy, plus each tile's squared norm (summed per expert afterwards: SMK's surprise²).
