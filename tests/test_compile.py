@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 from torch import fx
 
@@ -33,7 +32,8 @@ def test_pattern_is_found_in_the_stateless_forward():
     assert tinyonn_compile.substitute_moe_experts(gm) == 1
     assert torch.ops.tinyonn.moe_experts.default in {n.target for n in gm.graph.nodes}
     assert not tinyonn_compile.find_moe_dispatch(gm.graph)  # the dense masked matmul is gone
-    assert match.w_down.name != match.w_gate.name
+    names = {field: getattr(match, field).name for field in ("w_gate", "w_up", "w_down", "unit_expert")}
+    assert all(field in name for field, name in names.items()), names  # each operand in its place
 
 
 def test_compiled_layer_matches_eager(caplog):
@@ -59,22 +59,14 @@ def test_compiled_layer_matches_eager(caplog):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     assert "tinyonn.moe_experts.default" in ops_in(tinyonn_compile.compiled_graphs["forward"])
     assert "tinyonn.moe_experts_backward.default" in ops_in(tinyonn_compile.compiled_graphs["backward"])
-    if not torch.cuda.is_available():
-        assert "PyTorch reference path" in caplog.text or tinyonn_compile._warned_cpu
     assert "1 MoE dispatch pattern" in caplog.text
+    assert "runs its PyTorch reference path" in caplog.text  # no CUDA tensors here
 
 
 def test_backend_is_registered_by_name():
     from torch._dynamo import lookup_backend
 
     assert lookup_backend("tinyonn") is tinyonn_compile.tinyonn_backend
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
-def test_cpu_fallback_uses_references():
-    from tinyonn.kernels import moe
-
-    assert not moe.uses_triton(torch.device("cpu"))
 
 
 def test_gradcheck_of_the_compiled_layer():

@@ -12,7 +12,7 @@ and replaces it with one call of `tinyonn::moe_experts` (`tinyonn.kernels.moe`),
 autograd puts `tinyonn::moe_experts_backward` in the backward. Inductor's `compile_fx` then runs
 aot_autograd, which splits the forward and backward graphs, and compiles everything around the
 kernels. The aot graphs of the latest compile are kept in `compiled_graphs` for inspection. Without
-CUDA the same ops run their PyTorch references (logged once).
+CUDA the same ops run their PyTorch references (the log says so).
 """
 
 from __future__ import annotations
@@ -127,18 +127,13 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, **kwargs):
     return compile_fx_inner(gm, example_inputs, **kwargs)
 
 
-_warned_cpu = False
-
-
 def tinyonn_backend(gm: fx.GraphModule, example_inputs):
     """Dynamo backend: substitute the MoE kernels, then Inductor (aot_autograd forward and backward)."""
-    global _warned_cpu
     count = substitute_moe_experts(gm)
     log.info("tinyonn backend: %d MoE dispatch pattern(s) → tinyonn::moe_experts", count)
     devices = {value.device for value in example_inputs if isinstance(value, torch.Tensor)}
-    if count and not any(moe_kernels.uses_triton(device) for device in devices) and not _warned_cpu:
+    if count and not any(moe_kernels.uses_triton(device) for device in devices):
         log.warning("tinyonn backend: no CUDA tensors; tinyonn::moe_experts runs its PyTorch reference path")
-        _warned_cpu = True
     # no aot_autograd cache: a cache hit would skip `_inner_compile`, leaving `compiled_graphs` empty
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, inner_compile=_inner_compile)

@@ -2,16 +2,9 @@
 
 `TinyONNForCausalLM` builds the teacher's own causal LM from its config (`self.backbone`: embeddings,
 attention, norms, head, KV cache, `generate` all as usual) and swaps each decoder layer's `mlp` for a
-`MoELayer` (`tinyonn.moe_layer`).
-
-Every selected expert adds its units' outputs with weight 1:
-    y = Σ_{units j of selected experts} down_j · silu(g_j)·u_j  +  shared(x)
-so with every unit kept and every expert selected the layer is the teacher's MLP. Each unit's h is
-multiplied by 1 + p − p.detach() (p = the probability of its expert): 1 in the forward, a gradient
-to the router in the backward. `moe_forward` is that computation as a stateless function (dense
-masked reference: every unit is computed, then masked); `MoELayer.forward` calls it with its own
-parameters, so `torch.func.functional_call` works on it. Compiled with `backend="tinyonn"`
-(`tinyonn.compile`), the masked expert computation becomes the ragged Triton kernels.
+`MoELayer` (`tinyonn.moe_layer`: the layer, its stateless `moe_forward`, and why the layer with every
+unit kept and every expert selected is the teacher's MLP). Compiled with `backend="tinyonn"`
+(`tinyonn.compile`), each layer's masked expert computation runs as the ragged Triton kernels.
 
 Importing this module registers "tinyonn" with `AutoConfig` and `AutoModelForCausalLM`.
 """
