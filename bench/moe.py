@@ -8,7 +8,7 @@ forward + backward):
   grouped_mm  torch._grouped_mm with every expert's units padded to the largest expert
   loop        one matmul chain per expert (the reference, autograd for the backward)
   dense       one SwiGLU over all units for every token (its own FLOPs: the dense bf16 ceiling)
-and for a whole MoE layer (router, dispatch, experts, combine; `tinyonn.moe_layer.moe_forward`):
+and for a whole MoE layer (router, dispatch, experts, combine; `tinyonn.model.moe_layer.moe_forward`):
   compiled_ms torch.compile(backend="tinyonn"), eager_ms the eager layer (dense masked reference),
   inductor_ms torch.compile with Inductor alone.
 
@@ -134,8 +134,8 @@ def layer_times(d, tokens, experts, top_k, mean_units) -> dict[str, dict]:
     from triton.testing import do_bench
 
     import tinyonn.compile  # noqa: F401  (registers the backend)
-    from tinyonn.moe_layer import moe_forward
-    from tinyonn.routing import RoutingConfig
+    from tinyonn.model.moe_layer import moe_forward
+    from tinyonn.model.routing import RoutingConfig
 
     gen = torch.Generator().manual_seed(0)
     sizes = ragged_sizes(mean_units * experts, experts, gen)

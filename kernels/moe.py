@@ -4,7 +4,7 @@
 
 with expert e's units at rows `unit_offsets[e]:unit_offsets[e+1]` of `w_gate`, `w_up`, `w_down` [U, d]
 (`unit_expert` [U] names each unit's expert). This is the dense masked computation of
-`tinyonn.moe_layer.moe_forward`, done sparsely: per token the experts of nonzero weight become slots,
+`tinyonn.model.moe_layer.moe_forward`, done sparsely: per token the experts of nonzero weight become slots,
 slots are dispatched into padded per-expert row segments (`routing.dispatch_indices`, `gather_rows`),
 the ragged SwiGLU runs on them (`ragged_swiglu`), and `combine_rows` weighs and sums the slots back.
 

@@ -1,6 +1,6 @@
 """Plain-PyTorch references for the ragged SwiGLU kernels (the ground truth the Triton versions match).
 
-Layout (as in `tinyonn.moe_layer.MoELayer`): routed units are packed expert by expert, so expert e owns
+Layout (as in `tinyonn.model.moe_layer.MoELayer`): routed units are packed expert by expert, so expert e owns
 rows `unit_offsets[e]:unit_offsets[e+1]` of `w_gate`, `w_up` and `w_down`, all [U, d] (a unit's three
 weight vectors are rows). Tokens are dispatched (`tinyonn.kernels.routing.dispatch_indices`) into
 `x_sorted` [R, d]: expert e owns rows `segment_offsets[e]:segment_offsets[e+1]`, its tokens first, then

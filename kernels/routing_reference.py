@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from tinyonn.routing import hierarchical_scores, select
+from tinyonn.model.routing import hierarchical_scores, select
 
 
 class Dispatch(NamedTuple):

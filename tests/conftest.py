@@ -24,7 +24,7 @@ TINY_CORPUS = [
 
 
 def build_tiny_tokenizer():
-    from tinyonn.tokenizer import train_bpe, wrap_for_transformers
+    from recipes.tokenizer import train_bpe, wrap_for_transformers
 
     return wrap_for_transformers(train_bpe(TINY_CORPUS, vocab_size=300, min_frequency=1))
 

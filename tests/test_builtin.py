@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tinyonn import load_probe_set, load_teacher
-from tinyonn.builtin import BUILTIN_DIR, document_key, load_eval_set
+from recipes.builtin_data import BUILTIN_DIR, document_key
+from tinyonn.data import load_eval_set
 
 TEACHER = BUILTIN_DIR / "teacher"
 CATEGORIES = {"code", "math", "definition", "factual", "dialogue", "prose", "translation"}
@@ -21,7 +22,7 @@ def builtin_teacher():
 
 
 def test_builtin_teacher_answers_a_chat_prompt_on_cpu(builtin_teacher):
-    from tinyonn.evaluate import sample_answers
+    from tinyonn.evaluation.metrics import sample_answers
 
     model, tokenizer = builtin_teacher
     assert model.config.model_type == "qwen3" and model.config.num_hidden_layers == 8
@@ -69,7 +70,7 @@ def test_card_numbers_beat_the_baselines():
 
 def test_card_perplexity_reproduces_on_cpu(builtin_teacher):
     """The math row of the card, recomputed here on CPU, matches the shipped metrics."""
-    from tinyonn.evaluate import heldout_perplexity
+    from tinyonn.evaluation.metrics import heldout_perplexity
 
     model, tokenizer = builtin_teacher
     math_items = [e for e in load_probe_set("builtin", "validation") if e.category == "math"]

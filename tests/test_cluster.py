@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from tinyonn.cluster import (
+from tinyonn.clustering.cluster import (
     ClusterConfig,
     _cell_hierarchy,
     balanced_kmeans,
@@ -17,9 +17,9 @@ from tinyonn.cluster import (
     coactivation,
     plot_cells,
 )
-from tinyonn.plan import ExpertPlan
-from tinyonn.scores import ScoreConfig, summary_score_fn
-from tinyonn.store import ChunkStats, ScoreStoreWriter
+from tinyonn.clustering.plan import ExpertPlan
+from tinyonn.store.scores import ScoreConfig, summary_score_fn
+from tinyonn.store.zarr_store import ChunkStats, ScoreStoreWriter
 
 LAYERS, PER_LAYER, N, GROUPS, GROUP_UNITS, ALWAYS_ON, NOISE = 3, 64, 96, 4, 12, 8, 8
 CATEGORIES = ["math", "code", "chat"]

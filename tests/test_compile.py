@@ -9,8 +9,8 @@ import torch
 from torch import fx
 
 from tinyonn import compile as tinyonn_compile
-from tinyonn.moe_layer import MoELayer, moe_forward
-from tinyonn.routing import RoutingConfig
+from tinyonn.model.moe_layer import MoELayer, moe_forward
+from tinyonn.model.routing import RoutingConfig
 
 
 def ops_in(graphs: list[fx.GraphModule]) -> set[str]:

@@ -15,8 +15,8 @@ TRITON_KERNELS = {"_units_kernel", "_rows_kernel", "_weights_kernel", "_gather_r
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_layer_runs_triton_kernels_and_matches_eager(dtype):
     from tinyonn import compile as tinyonn_compile
-    from tinyonn.moe_layer import MoELayer
-    from tinyonn.routing import RoutingConfig
+    from tinyonn.model.moe_layer import MoELayer
+    from tinyonn.model.routing import RoutingConfig
 
     torch.manual_seed(0)
     layer = MoELayer(256, [40, 0, 170, 1, 96, 300, 7, 64], [0, 0, 1, 1, 2, 2, 3, 3], shared_size=32,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from tinyonn import load_teacher
-from tinyonn.assemble import assemble
-from tinyonn.extract import (WarmupConfig, expert_mass, oracle_mask, recall_at_k, routed_budgets,
+from tinyonn.model.assemble import assemble
+from tinyonn.evaluation.extract import (WarmupConfig, expert_mass, oracle_mask, recall_at_k, routed_budgets,
                              use_oracle_routing, use_router, warm_up_routers)
-from tinyonn.plan import full_plan
+from tinyonn.clustering.plan import full_plan
 
 
 def _model(tiny_teacher_dir):

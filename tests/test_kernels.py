@@ -16,8 +16,8 @@ from tinyonn.kernels import moe, reference
 from tinyonn.kernels import ragged_swiglu as triton_swiglu
 from tinyonn.kernels.reference import ROW_BLOCK
 
-from tinyonn.moe_layer import MoELayer
-from tinyonn.routing import RoutingConfig
+from tinyonn.model.moe_layer import MoELayer
+from tinyonn.model.routing import RoutingConfig
 
 # (tokens per expert, units per expert, d): empty experts (0 units), experts with 0 tokens, one-token
 # experts, sizes that are not multiples of any block, more than one row tile per expert

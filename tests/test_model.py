@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tinyonn.assemble import assemble
-from tinyonn.model import TinyONNConfig, TinyONNForCausalLM
-from tinyonn.moe_layer import MoELayer, moe_forward
-from tinyonn.plan import ExpertPlan, LayerPlan, full_plan
-from tinyonn.routing import RoutingConfig
+from tinyonn.model.assemble import assemble
+from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM
+from tinyonn.model.moe_layer import MoELayer, moe_forward
+from tinyonn.clustering.plan import ExpertPlan, LayerPlan, full_plan
+from tinyonn.model.routing import RoutingConfig
 from tinyonn.teacher import ffn_layout, load_teacher
 
 ALL = RoutingConfig(mode="all")

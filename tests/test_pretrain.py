@@ -8,9 +8,9 @@ import json
 import numpy as np
 import torch
 
-from tinyonn.config import PretrainConfig, TeacherModelConfig
-from tinyonn.corpus import MAX_SHARD_BYTES, WindowSampler, read_token_shards, write_token_shards
-from tinyonn.pretrain import SFT_SOURCE, export_teacher, learning_rate, pretrain, stream_weights
+from recipes.config import PretrainConfig, TeacherModelConfig
+from recipes.corpus import MAX_SHARD_BYTES, WindowSampler, read_token_shards, write_token_shards
+from recipes.pretrain import SFT_SOURCE, export_teacher, learning_rate, pretrain, stream_weights
 
 TINY = TeacherModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -85,7 +85,7 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
 
 def test_export_loads_with_from_pretrained_and_generates(tmp_path, tiny_tokenizer):
     from tinyonn import load_teacher
-    from tinyonn.evaluate import sample_answers
+    from tinyonn.evaluation.metrics import sample_answers
 
     shards = tmp_path / "shards"
     _shards(shards)

@@ -8,8 +8,8 @@ import torch
 
 from tinyonn import DataConfig, Example, collate, encode_examples, load_teacher
 from tinyonn.config import ProbeConfig
-from tinyonn.probe import probe_batch
-from tinyonn.probe_reference import activation_stats, per_sample_grad_norms
+from tinyonn.probing.run import probe_batch
+from tinyonn.probing.reference import activation_stats, per_sample_grad_norms
 
 PROMPTS = [
     ("What does the word harbour mean?", "A sheltered port where ships can stay."),

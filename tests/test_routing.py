@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tinyonn.routing import (
+from tinyonn.model.routing import (
     HierarchicalRouter,
     RoutingConfig,
     budget_mask,

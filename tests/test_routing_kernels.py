@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from tinyonn.kernels import routing
 from tinyonn.kernels import routing_reference as reference
 
-from tinyonn.routing import hierarchical_scores, select
+from tinyonn.model.routing import hierarchical_scores, select
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, scale: float = 1e-6):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinyonn.scores import (
+from tinyonn.store.scores import (
     PIDIFF_FORMULA,
     ScoreConfig,
     normalise,
@@ -16,7 +16,7 @@ from tinyonn.scores import (
     taylor,
     wanda,
 )
-from tinyonn.store import ChunkStats, ScoreStoreWriter
+from tinyonn.store.zarr_store import ChunkStats, ScoreStoreWriter
 
 
 def test_normalise_rank_averages_ties_and_keeps_nan():

@@ -9,9 +9,9 @@ import pytest
 import zarr
 from zarr.storage import LocalStore
 
-import tinyonn.store as store_module
-from tinyonn.scores import ScoreConfig, summary_score_fn
-from tinyonn.store import ChunkStats, ScoreStore, ScoreStoreError, ScoreStoreNotFoundError, ScoreStoreWriter
+import tinyonn.store.zarr_store as store_module
+from tinyonn.store.scores import ScoreConfig, summary_score_fn
+from tinyonn.store.zarr_store import ChunkStats, ScoreStore, ScoreStoreError, ScoreStoreNotFoundError, ScoreStoreWriter
 
 N, U, H, CHUNK, UNIT_CHUNK = 50, 40, 6, 16, 16
 CATEGORIES = ["math", "code", "chat", "unused"]  # "unused" has no samples: its by-category means are NaN

@@ -10,8 +10,6 @@ from pathlib import Path
 
 from tinyonn.errors import TinyONNError
 
-DEFAULT_CORPORA = Path(__file__).resolve().parent.parent.parent / "shared" / "corpora"
-
 PIPELINE = ("probe", "cluster", "assemble", "train", "evaluate")
 
 
@@ -27,8 +25,8 @@ def cmd_run(args) -> int:
     import torch
 
     import tinyonn
-    from tinyonn.evaluate import sample_answers
-    from tinyonn.extract import heldout_perplexity_by_category, routed_budgets, use_oracle_routing
+    from tinyonn.evaluation.metrics import sample_answers
+    from tinyonn.evaluation.extract import heldout_perplexity_by_category, routed_budgets, use_oracle_routing
     from tinyonn.teacher import describe, load_teacher
 
     run_dir = Path(args.runs) / args.run
@@ -73,7 +71,7 @@ def cmd_run(args) -> int:
 def cmd_probe(args) -> int:
     """Probe a teacher into a Zarr score store (resumes an interrupted run)."""
     from tinyonn.config import DataConfig, ProbeConfig
-    from tinyonn.probe import probe
+    from tinyonn.probing.run import probe
 
     config = ProbeConfig(
         data=DataConfig(max_length=args.max_length, batch_size=args.batch_size),
@@ -89,7 +87,7 @@ def cmd_probe(args) -> int:
 
 def cmd_cluster(args) -> int:
     """Cluster a score store's units into concept cells and per-layer experts (the plan)."""
-    from tinyonn.cluster import ClusterConfig, cluster, plot_cells
+    from tinyonn.clustering.cluster import ClusterConfig, cluster, plot_cells
 
     run_dir = Path(args.runs) / args.run
     store = args.store or str(run_dir / "scores.zarr")
@@ -104,8 +102,8 @@ def cmd_cluster(args) -> int:
 
 def cmd_assemble(args) -> int:
     """Build the TinyONN model of a plan from the teacher and save it (Hugging Face format)."""
-    from tinyonn.assemble import assemble
-    from tinyonn.plan import ExpertPlan
+    from tinyonn.model.assemble import assemble
+    from tinyonn.clustering.plan import ExpertPlan
 
     run_dir = Path(args.runs) / args.run
     model = assemble(args.teacher, ExpertPlan.load(args.plan or run_dir / "plan"))
@@ -120,7 +118,7 @@ def cmd_assemble(args) -> int:
 
 def cmd_extract(args) -> int:
     """Compare the three partitions at a budget of active units (oracle and warmed router)."""
-    from tinyonn.extract import WarmupConfig, evaluate_partitions, report_table
+    from tinyonn.evaluation.extract import WarmupConfig, evaluate_partitions, report_table
 
     run_dir = Path(args.runs) / args.run
     report = evaluate_partitions(args.store or run_dir / "scores.zarr", args.teacher, run_dir,
@@ -129,60 +127,6 @@ def cmd_extract(args) -> int:
                                  eval_per_category=args.eval_per_category or None)
     print(report_table(report))
     print(f"report: {run_dir / 'report' / 'extract.json'}")
-    return 0
-
-
-def cmd_teacher(args) -> int:
-    from tinyonn import pretrain
-
-    if args.step == "data":
-        from tinyonn.builtin import build_builtin_data
-
-        print(json.dumps(build_builtin_data(args.corpora), indent=1))
-        return 0
-    from tinyonn.data import load_probe_set
-
-    work = Path(args.work)
-    if args.step == "tokenizer":
-        files = pretrain.corpus_files(Path(args.corpora) / "pretrain")
-        pretrain.train_teacher_tokenizer(files, load_probe_set("builtin", "train"), work / "tokenizer",
-                                         vocab_size=args.vocab_size)
-    elif args.step == "shards":
-        files = pretrain.corpus_files(Path(args.corpora) / "pretrain")
-        limits = {"code__go-stdlib": args.go_chars}
-        infos = pretrain.build_teacher_shards(work / "tokenizer", files, load_probe_set("builtin", "train"),
-                                              work / "shards", limits)
-        print(f"{len(infos)} shards, {sum(i.n_tokens for i in infos):,} tokens")
-    elif args.step == "train":
-        from tinyonn.config import PretrainConfig
-
-        cfg = PretrainConfig()
-        overrides = json.loads(args.overrides) if args.overrides else {}
-        if "model" in overrides:
-            from tinyonn.config import TeacherModelConfig
-
-            overrides["model"] = TeacherModelConfig(**overrides["model"])
-        cfg = dataclasses.replace(cfg, **overrides)
-        summary = pretrain.pretrain(cfg, work / "shards", work, max_minutes=args.max_minutes,
-                                    max_steps=args.max_steps)
-        print(json.dumps(summary, indent=1))
-        if not summary["done"]:
-            print("stopped at the time limit with a checkpoint: run the same command again to continue")
-    elif args.step == "export":
-        out = pretrain.export_teacher(work, work / "tokenizer", args.out)
-        print(f"exported to {out}")
-    elif args.step == "eval":
-        from tinyonn.teacher_card import evaluate_teacher, write_teacher_card
-
-        metrics = evaluate_teacher(args.out, work / "shards", device=args.device)
-        (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        write_teacher_card(metrics, args.out)
-        print(json.dumps(metrics, indent=1))
-    elif args.step == "card":
-        from tinyonn.teacher_card import write_teacher_card
-
-        metrics = json.loads((Path(args.out) / "metrics.json").read_text())
-        write_teacher_card(metrics, args.out)
     return 0
 
 
@@ -246,18 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--eval-per-category", type=int, default=100, help="0: the whole validation split")
     ex.set_defaults(func=cmd_extract)
 
-    teacher = sub.add_parser("teacher", help="build the embedded default teacher (recipe steps)")
-    teacher.add_argument("step", choices=["data", "tokenizer", "shards", "train", "export", "eval", "card"])
-    teacher.add_argument("--corpora", default=str(DEFAULT_CORPORA), help="the shared corpora folder")
-    teacher.add_argument("--work", default="stores/runs/teacher", help="tokenizer, shards and checkpoints")
-    teacher.add_argument("--out", default="stores/builtin/teacher", help="exported teacher directory")
-    teacher.add_argument("--vocab-size", type=int, default=16384)
-    teacher.add_argument("--go-chars", type=int, default=20_000_000, help="cap on Go stdlib characters")
-    teacher.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this")
-    teacher.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this")
-    teacher.add_argument("--overrides", default=None, help="JSON of PretrainConfig fields to change")
-    teacher.add_argument("--device", default=None)
-    teacher.set_defaults(func=cmd_teacher)
     return parser
 
 

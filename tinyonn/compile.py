@@ -3,7 +3,7 @@
     model = torch.compile(model, backend="tinyonn")   # found through the package's entry point
 
 Dynamo hands the backend each captured FX graph. `substitute_moe_experts` finds the dense masked
-expert computation of `tinyonn.moe_layer.moe_forward`,
+expert computation of `tinyonn.model.moe_layer.moe_forward`,
 
     h = silu(linear(x, w_gate)) * linear(x, w_up)
     y = (h * expert_weight[:, unit_expert].to(h.dtype)) @ w_down

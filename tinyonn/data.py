@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from tinyonn.assets import builtin_eval_file, builtin_probe_dir
 from tinyonn.config import DataConfig
 from tinyonn.errors import DataFormatError
 
@@ -28,7 +29,7 @@ IGNORE_INDEX = -100
 
 ROLES = ("system", "user", "assistant")
 
-BUILTIN_PROBE_DIR = Path(__file__).resolve().parent.parent / "stores" / "builtin" / "probe"
+BUILTIN_PROBE_DIR = builtin_probe_dir()
 
 _SPLIT_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl")
 _ACCEPTED_SHAPES = (
@@ -253,6 +254,30 @@ def load_probe_set(source: str | os.PathLike | Any = "builtin", split: str = "tr
             return read_examples(source[split])
     return read_examples(source)
 
+
+def read_jsonl_records(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file (plain, `.gz`, `.zst`) as dicts; a malformed line raises
+    `DataFormatError` naming the file and line."""
+    origin = str(path)
+    rows = []
+    with _open_binary(Path(path)) as stream:
+        for lineno, raw in enumerate(stream, start=1):
+            text = raw.decode("utf-8", errors="strict").strip()
+            if not text:
+                continue
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError as err:
+                raise DataFormatError(origin, lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
+    return rows
+
+
+def load_eval_set(source: str | os.PathLike = "builtin") -> list[dict]:
+    """The multiple-choice evaluation items: "builtin" (the embedded default's) or a JSONL path."""
+    path = builtin_eval_file() if str(source) == "builtin" else Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation set not found: {path}")
+    return read_jsonl_records(path)
 
 # --------------------------------------------------------------------------------------------
 # Encoding

@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tinyonn.assets import builtin_teacher_dir
 from tinyonn.errors import TeacherNotFoundError, UnsupportedArchitectureError
 
-BUILTIN_TEACHER_DIR = Path(__file__).resolve().parent.parent / "stores" / "builtin" / "teacher"
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 """Decoder families whose MLP is `down_proj(act(gate_proj(x)) * up_proj(x))` with SiLU."""
@@ -41,11 +41,12 @@ class FFNLayer:
 def resolve_teacher_source(source: str | Path) -> str:
     """Map "builtin" to the shipped teacher; check that a path-like source exists."""
     if str(source) == "builtin":
-        if not (BUILTIN_TEACHER_DIR / "config.json").is_file():
+        teacher_dir = builtin_teacher_dir()
+        if not (teacher_dir / "config.json").is_file():
             raise TeacherNotFoundError(
-                f"the builtin teacher is missing: no config.json in {BUILTIN_TEACHER_DIR}"
+                f"the builtin teacher is missing: no config.json in {teacher_dir}"
             )
-        return str(BUILTIN_TEACHER_DIR)
+        return str(teacher_dir)
     path = Path(source).expanduser()
     looks_like_path = path.is_absolute() or str(source).startswith((".", "~")) or path.exists()
     if looks_like_path or str(source).count("/") != 1:

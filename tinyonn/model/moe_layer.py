@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyonn.routing import HierarchicalRouter, RouterOutput, RoutingConfig, route
+from tinyonn.model.routing import HierarchicalRouter, RouterOutput, RoutingConfig, route
 
 
 def swiglu_units(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:

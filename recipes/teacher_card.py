@@ -16,10 +16,10 @@ SAMPLE_PROMPTS = (
 def evaluate_teacher(teacher_dir: str | Path, shard_dir: str | Path | None = None,
                      device: str | None = None) -> dict:
     """Held-out perplexity per category (with a unigram baseline), eval-set accuracy, samples."""
-    from tinyonn.builtin import load_eval_set
-    from tinyonn.corpus import read_token_shards
+    from tinyonn.data import load_eval_set
+    from recipes.corpus import read_token_shards
     from tinyonn.data import load_probe_set
-    from tinyonn.evaluate import (heldout_perplexity, multiple_choice_eval, sample_answers,
+    from tinyonn.evaluation.metrics import (heldout_perplexity, multiple_choice_eval, sample_answers,
                                   unigram_counts, unigram_perplexity)
     from tinyonn.teacher import describe, load_teacher
 

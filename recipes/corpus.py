@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Zstd
 
-from tinyonn.tokenizer import EOS_TOKEN, chunked
+from recipes.tokenizer import EOS_TOKEN, chunked
 
 MAX_SHARD_BYTES = 40 * 1024 * 1024
 

@@ -56,7 +56,7 @@ def layer_dense_h(layer, x: torch.Tensor) -> torch.Tensor:
 def oracle_mask(layer, x: torch.Tensor, budget_units: float) -> torch.Tensor:
     """The oracle's expert mask [N, E] for a MoE layer's inputs x [N, d]: experts in descending
     order of their true activation mass, within `budget_units` routed units per token."""
-    from tinyonn.routing import budget_mask
+    from tinyonn.model.routing import budget_mask
 
     h = layer_dense_h(layer, x)
     mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, layer.num_experts)
@@ -100,7 +100,7 @@ def routed_budgets(model, active_fraction: float, intermediate_size: int) -> lis
 @torch.no_grad()
 def collect_router_data(model, examples: list[Example], tokenizer, config: WarmupConfig) -> list[dict]:
     """Per MoE layer: MLP inputs x [N, d] and target expert-mass distributions [N, E] (all experts on)."""
-    from tinyonn.routing import RoutingConfig
+    from tinyonn.model.routing import RoutingConfig
 
     samples, _ = encode_examples(tokenizer, examples, config.data)
     layers = model.moe_layers()
@@ -173,8 +173,8 @@ def warm_up_routers(model, data: list[dict], config: WarmupConfig) -> list[dict]
 
 
 def heldout_perplexity_by_category(model, tokenizer, examples: list[Example], config: DataConfig) -> dict:
-    """Token-weighted response perplexity per category and 'all' (see `tinyonn.evaluate`)."""
-    from tinyonn.evaluate import heldout_perplexity
+    """Token-weighted response perplexity per category and 'all' (see `tinyonn.evaluation.metrics`)."""
+    from tinyonn.evaluation.metrics import heldout_perplexity
 
     measured = heldout_perplexity(model, tokenizer, examples, config, batch_size=config.batch_size)
     return {category: values["ppl"] for category, values in measured.items()}
@@ -202,10 +202,10 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
                         log=print) -> dict:
     """Build each partition, measure held-out perplexity per category with oracle routing and with
     the warmed router at `active_fraction` of the FFN units active per token; write the report."""
-    from tinyonn.assemble import assemble
-    from tinyonn.cluster import ClusterConfig, baseline_config, cluster
+    from tinyonn.model.assemble import assemble
+    from tinyonn.clustering.cluster import ClusterConfig, baseline_config, cluster
     from tinyonn.data import load_probe_set
-    from tinyonn.store import ScoreStore
+    from tinyonn.store.zarr_store import ScoreStore
     from tinyonn.teacher import ffn_layout, load_teacher
 
     run_dir = Path(run_dir)

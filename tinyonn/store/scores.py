@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 if TYPE_CHECKING:
-    from tinyonn.store import ScoreStore
+    from tinyonn.store.zarr_store import ScoreStore
 
 Norm = Literal["rank", "zscore", "none"]
 ScoreMethod = Literal["pidiff", "wanda", "taylor", "random"]

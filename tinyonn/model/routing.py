@@ -12,7 +12,7 @@ group, so `scores.exp()` sums to 1 over the experts. Selection turns scores into
 
 With `top_groups > 0` only experts of the token's best `top_groups` groups can be selected.
 Everything is a pure function of tensors; `HierarchicalRouter` only holds the weights, and
-`route(params, buffers, x, config)` is the stateless forward that `tinyonn.moe_layer.moe_forward` calls.
+`route(params, buffers, x, config)` is the stateless forward that `tinyonn.model.moe_layer.moe_forward` calls.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One forward pass and one backward pass *to the activations* per batch (the weights stay frozen, so
 nf4/int8 teachers work): forward hooks keep each layer's x, g, u, h (and o_proj's input z); tensor
 hooks receive ∂l/∂y, ∂l/∂h, ∂l/∂g, ∂l/∂u layer by layer during the backward and turn them at once
-into per-sample statistics with the vmapped pure functions of `tinyonn.unit_stats`, so only one
+into per-sample statistics with the vmapped pure functions of `tinyonn.probing.unit_stats`, so only one
 layer's gradients are alive at a time. The per-sample loss l_i is the mean NLL over sample i's
 response tokens; the batch loss is Σ_i l_i, whose gradient on sample i's activations is ∂l_i.
 
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from tinyonn import decoder
+from tinyonn.probing import decoder
 from tinyonn.config import ProbeConfig
 from tinyonn.data import Batch, EncodedSample, collate, encode_examples
 from tinyonn.teacher import FFNLayer, decoder_layers, dequantize, ffn_layout
-from tinyonn.unit_stats import choose_method, head_stats, layer_unit_stats
+from tinyonn.probing.unit_stats import choose_method, head_stats, layer_unit_stats
 
 
 @dataclass
@@ -216,8 +216,8 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
     from tqdm.auto import tqdm
 
     from tinyonn.data import load_probe_set, read_examples
-    from tinyonn.scores import PIDIFF_FORMULA, ScoreConfig, summary_score_fn
-    from tinyonn.store import ChunkStats, ScoreStoreWriter
+    from tinyonn.store.scores import PIDIFF_FORMULA, ScoreConfig, summary_score_fn
+    from tinyonn.store.zarr_store import ChunkStats, ScoreStoreWriter
     from tinyonn.teacher import load_teacher
 
     config = config or ProbeConfig()

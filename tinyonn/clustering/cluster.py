@@ -26,9 +26,9 @@ from typing import Literal
 
 import numpy as np
 
-from tinyonn.plan import ExpertPlan, LayerPlan
-from tinyonn.scores import ScoreConfig, normalise, score_store
-from tinyonn.store import ScoreStore
+from tinyonn.clustering.plan import ExpertPlan, LayerPlan
+from tinyonn.store.scores import ScoreConfig, normalise, score_store
+from tinyonn.store.zarr_store import ScoreStore
 
 Method = Literal["pidiff-hdbscan", "random", "coact-kmeans"]
 METHODS = ("pidiff-hdbscan", "random", "coact-kmeans")

@@ -2,7 +2,7 @@
 
 `TinyONNForCausalLM` builds the teacher's own causal LM from its config (`self.backbone`: embeddings,
 attention, norms, head, KV cache, `generate` all as usual) and swaps each decoder layer's `mlp` for a
-`MoELayer` (`tinyonn.moe_layer`: the layer, its stateless `moe_forward`, and why the layer with every
+`MoELayer` (`tinyonn.model.moe_layer`: the layer, its stateless `moe_forward`, and why the layer with every
 unit kept and every expert selected is the teacher's MLP). Compiled with `backend="tinyonn"`
 (`tinyonn.compile`), each layer's masked expert computation runs as the ragged Triton kernels.
 
@@ -25,8 +25,8 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tinyonn.moe_layer import MoELayer
-from tinyonn.routing import RoutingConfig
+from tinyonn.model.moe_layer import MoELayer
+from tinyonn.model.routing import RoutingConfig
 from tinyonn.teacher import decoder_layers
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinyonn.config import PretrainConfig, TeacherModelConfig
-from tinyonn.corpus import WindowSampler, encode_chat_stream, read_text, read_token_shards, source_name
+from recipes.config import PretrainConfig, TeacherModelConfig
+from recipes.corpus import WindowSampler, encode_chat_stream, read_text, read_token_shards, source_name
 
 SFT_SOURCE = "sft_chat"
 
@@ -33,7 +33,7 @@ def qwen3_config(cfg: TeacherModelConfig):
     """The `Qwen3Config` of the teacher shape."""
     from transformers import Qwen3Config
 
-    from tinyonn.tokenizer import EOS_TOKEN, IM_END, SPECIAL_TOKENS
+    from recipes.tokenizer import EOS_TOKEN, IM_END, SPECIAL_TOKENS
 
     return Qwen3Config(
         vocab_size=cfg.vocab_size,
@@ -65,7 +65,7 @@ def build_model(cfg: TeacherModelConfig, seed: int = 0):
 def train_teacher_tokenizer(corpus_files, probe_examples, out_dir, vocab_size: int = 8192,
                             chars_per_source: int = 1_500_000):
     """Train the BPE on an equal-size sample of every corpus source plus the probe train split."""
-    from tinyonn.tokenizer import chunked, save_tokenizer, train_bpe
+    from recipes.tokenizer import chunked, save_tokenizer, train_bpe
 
     def texts():
         for path in corpus_files:
@@ -82,7 +82,7 @@ def build_teacher_shards(tokenizer_dir, corpus_files, probe_examples, out_dir,
     """Token shards of every corpus file plus the probe train split in chat form (`sft_chat`)."""
     from transformers import AutoTokenizer
 
-    from tinyonn.corpus import build_token_shards
+    from recipes.corpus import build_token_shards
 
     hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     chat = encode_chat_stream(hf, probe_examples)

@@ -1,6 +1,6 @@
 """The expert plan: which teacher units each expert of each layer holds (provenance as data).
 
-An `ExpertPlan` is what `tinyonn.cluster` produces and `tinyonn.assemble` consumes. Per layer it
+An `ExpertPlan` is what `tinyonn.clustering.cluster` produces and `tinyonn.model.assemble` consumes. Per layer it
 lists the kept routed units packed expert by expert (`units[expert_offsets[e]:expert_offsets[e+1]]`
 are expert e's teacher unit indices inside that layer), the router group of each expert (the main
 router picks groups, sub-routers pick experts inside them), the concept cell each expert came from,

@@ -16,8 +16,9 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_DIR = REPO_ROOT / "stores" / "builtin"
+from tinyonn.assets import builtin_dir
+
+BUILTIN_DIR = builtin_dir()
 
 _BACKTICK = re.compile(r"`([^`]+)`")
 _QUOTED = re.compile(r'"([^"]+)"')
@@ -88,7 +89,7 @@ Supervised (chat) examples for probing and for the teacher's chat-form pretraini
 {n_categories} categories. Built by `tinyonn teacher data` from `shared/corpora/sft_probe.jsonl.zst`
 ({n_total} examples), which was itself built from public packages (see below).
 
-Split by source document (`tinyonn.builtin.document_key`: same Python function, man page, word,
+Split by source document (`recipes.builtin_data.document_key`: same Python function, man page, word,
 person, Shakespeare play, quiz file...) with a deterministic hash, {fraction:.0%} to validation.
 
 | category | train | validation |
@@ -145,11 +146,3 @@ def build_builtin_data(corpora_dir: str | Path, out_dir: str | Path = BUILTIN_DI
     table = "\n".join(f"| {c} | {n_items[c]} | {n_mc[c]} |" for c in sorted(n_items))
     (out_dir / "eval" / "README.md").write_text(EVAL_README.format(n_total=len(items), table=table))
     return {"train": dict(n_train), "validation": dict(n_val), "eval": dict(n_items)}
-
-
-def load_eval_set(source: str | Path = "builtin") -> list[dict]:
-    """The evaluation items: "builtin" or a JSONL path."""
-    path = BUILTIN_DIR / "eval" / "eval.jsonl.gz" if str(source) == "builtin" else Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation set not found: {path}")
-    return read_jsonl(path)

@@ -1,0 +1,1 @@
+"""Training of an assembled TinyONN model (SMK and the baselines run by the same loop)."""
