@@ -6,8 +6,8 @@ import torch
 
 from tinyonn import load_teacher
 from tinyonn.model.assemble import assemble
-from tinyonn.evaluation.extract import (WarmupConfig, expert_mass, oracle_mask, recall_at_k, routed_budgets,
-                             use_oracle_routing, use_router, warm_up_routers)
+from tinyonn.evaluation.extract import WarmupConfig, budget_routing, recall_at_k, routed_budgets, warm_up_routers
+from tinyonn.model.moe_layer import expert_mass
 from tinyonn.clustering.plan import full_plan
 
 
@@ -18,37 +18,22 @@ def _model(tiny_teacher_dir):
 
 def test_expert_mass_sums_units():
     h = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
-    mass = expert_mass(h, torch.tensor([1.0, 1.0, 2.0, 2.0]), torch.tensor([0, 0, 1, 1]), 2)
+    w_down = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]])  # [U, d]: row norms 1, 1, 2, 2
+    mass = expert_mass(h, w_down, torch.tensor([0, 0, 1, 1]), 2)
     assert torch.allclose(mass, torch.tensor([[3.0, 7.0]]))
-
-
-def test_oracle_mask_takes_the_heaviest_experts_within_budget(tiny_teacher_dir):
-    _, model = _model(tiny_teacher_dir)
-    layer = model.moe_layers()[0]
-    x = torch.randn(50, 64)
-    mask = oracle_mask(layer, x, budget_units=64)  # 8 experts of 16 units: 4 fit
-    assert torch.equal(mask.sum(1), torch.full((50,), 4.0))
-    h = torch.nn.functional.silu(x @ layer.w_gate.T) * (x @ layer.w_up.T)
-    mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, 8)
-    assert torch.equal(mask.bool(), torch.zeros_like(mask, dtype=torch.bool).scatter(1, mass.topk(4).indices, True))
 
 
 def test_oracle_routing_at_full_budget_equals_teacher(tiny_teacher_dir):
     teacher, model = _model(tiny_teacher_dir)
     ids = torch.randint(3, 200, (2, 10))
-    handles = use_oracle_routing(model, routed_budgets(model, 1.0, 128))
     with torch.no_grad():
+        model.set_routing(budget_routing(model, routed_budgets(model, 1.0, 128), "oracle"))
         assert (model(input_ids=ids).logits - teacher(input_ids=ids).logits).abs().max() < 1e-4
-        half = routed_budgets(model, 0.5, 128)
-        for handle in handles:
-            handle.remove()
-        handles = use_oracle_routing(model, half)
-        sparse = model(input_ids=ids).logits
-    for handle in handles:
-        handle.remove()
-    assert (sparse - teacher(input_ids=ids).logits).abs().max() > 1e-3
-    active = (model.moe_layers()[0].last_routing.mask * model.moe_layers()[0].expert_sizes).sum(1)
-    assert bool((active <= 64).all())
+        model.set_routing(budget_routing(model, routed_budgets(model, 0.5, 128), "oracle"))
+        out = model(input_ids=ids, output_router_logits=True)
+    assert (out.logits - teacher(input_ids=ids).logits).abs().max() > 1e-3
+    active = (out.router_outputs[0].mask * model.moe_layers()[0].expert_sizes).sum(1)
+    assert bool((active <= 64).all()) and bool((active == 64).all())  # 8 experts of 16: 4 fit exactly
 
 
 def test_warm_up_raises_recall_and_budget_routing_works(tiny_teacher_dir):
@@ -62,18 +47,16 @@ def test_warm_up_raises_recall_and_budget_routing_works(tiny_teacher_dir):
             layer.w_gate.copy_(planted)
             layer.w_up.copy_(planted)
             x = torch.randn(3000, 64)
-            h = torch.nn.functional.silu(x @ layer.w_gate.T) * (x @ layer.w_up.T)
-            mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, layer.num_experts)
+            mass = expert_mass(layer.dense_h(x), layer.w_down, layer.unit_expert, layer.num_experts)
         data.append({"x": x, "target": mass / mass.sum(1, keepdim=True), "mass": mass})
     metrics = warm_up_routers(model, data, WarmupConfig(epochs=30, batch_tokens=512, lr=1e-2, recall_k=2))
     for m in metrics:
         assert m["recall@2"] > m["recall@2_before"] + 0.1
         assert m["recall@2"] > 0.5
-    use_router(model, routed_budgets(model, 0.5, 128))
+    model.set_routing(budget_routing(model, routed_budgets(model, 0.5, 128), "budget"))
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 200, (2, 10)))
-    layer = model.moe_layers()[1]
-    assert bool(((layer.last_routing.mask * layer.expert_sizes).sum(1) <= 64).all())
+        routed = model(input_ids=torch.randint(3, 200, (2, 10)), output_router_logits=True).router_outputs
+    assert bool(((routed[1].mask * model.moe_layers()[1].expert_sizes).sum(1) <= 64).all())
 
 
 def test_recall_at_k():

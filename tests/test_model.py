@@ -3,6 +3,8 @@ bitwise, round-trips through save/from_pretrained, generates, routes sparsely wi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from tinyonn.model.assemble import assemble
 from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM
-from tinyonn.model.moe_layer import MoELayer, moe_forward
+from tinyonn.model.moe_layer import MoELayer, expert_mass, moe_forward, record_routing
 from tinyonn.clustering.plan import ExpertPlan, LayerPlan, full_plan
-from tinyonn.model.routing import RoutingConfig
+from tinyonn.model.routing import RoutingConfig, budget_mask
 from tinyonn.teacher import ffn_layout, load_teacher
 
 ALL = RoutingConfig(mode="all")
@@ -54,7 +56,9 @@ def test_all_experts_reproduce_the_tiny_teacher(teacher, full_model):
     assert (logits - reference).abs().max() <= 1e-4
     layer = full_model.moe_layers()[0]
     assert layer.num_experts == 8 and layer.router.num_groups == 3 and layer.w_gate.shape == (128, 64)
-    assert layer.last_routing.mask.shape == (24, 8) and (layer.last_routing.mask == 1).all()
+    with torch.no_grad():
+        routed = full_model(tokens, output_router_logits=True).router_outputs
+    assert len(routed) == 2 and routed[0].mask.shape == (24, 8) and (routed[0].mask == 1).all()
 
 
 def test_all_experts_reproduce_the_builtin_teacher():
@@ -98,13 +102,45 @@ def test_save_and_load_round_trip(teacher, tmp_path):
     for loader in (TinyONNForCausalLM, AutoModelForCausalLM):
         loaded = loader.from_pretrained(tmp_path)
         assert isinstance(loaded, TinyONNForCausalLM) and isinstance(loaded.config, TinyONNConfig)
-        assert loaded.config.routing_config == RoutingConfig(mode="topk", top_k=2, top_groups=1)
+        assert loaded.routing == (RoutingConfig(mode="topk", top_k=2, top_groups=1),) * 2
         assert loaded.config.expert_sizes == model.config.expert_sizes
         assert loaded.config.teacher_model_type == "qwen3"
         for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
             assert torch.equal(a, b), name
         with torch.no_grad():
             assert torch.equal(loaded(tokens).logits, reference)
+
+
+def test_routing_is_explicit_state_saved_and_reloaded(teacher, tmp_path):
+    """Per-layer routing changes only through set_routing / routing_scope, is written to the config,
+    and a save → reload gives the same routing and the same logits."""
+    model = assemble(teacher, sparse_plan(), RoutingConfig(mode="topk", top_k=2), seed=1)
+    tokens = ids(200)
+    per_layer = [RoutingConfig(mode="budget", unit_budget=0.4), RoutingConfig(mode="topk", top_k=3)]
+    with torch.no_grad():
+        before = model(tokens).logits
+        with model.routing_scope(RoutingConfig(mode="all")):
+            assert all(layer.routing.mode == "all" for layer in model.moe_layers())
+            assert not torch.equal(model(tokens).logits, before)
+        assert model.routing == (RoutingConfig(mode="topk", top_k=2),) * 2  # restored
+        assert torch.equal(model(tokens).logits, before)
+        model.set_routing(per_layer)
+        routed = model(tokens).logits
+        masks = model(tokens, output_router_logits=True).router_outputs
+    assert model.config.routing == [dataclasses.asdict(r) for r in per_layer]
+    assert [layer.routing for layer in model.moe_layers()] == per_layer
+    assert bool(((masks[0].mask * model.moe_layers()[0].expert_sizes).sum(1) <= 33).all())  # 0.4 of 84 units
+    assert (masks[1].mask.sum(1) == 3).all()
+    model.save_pretrained(tmp_path)
+    loaded = TinyONNForCausalLM.from_pretrained(tmp_path)
+    assert loaded.routing == tuple(per_layer)
+    assert [layer.routing for layer in loaded.moe_layers()] == per_layer
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, routed)
+    with pytest.raises(ValueError, match="router architecture"):
+        model.set_routing(RoutingConfig(router="mlp"))
+    with pytest.raises(ValueError, match="one RoutingConfig per layer"):
+        model.set_routing(per_layer[:1])
 
 
 def test_generate_with_all_experts_matches_the_teacher(teacher, full_model):
@@ -122,10 +158,11 @@ def test_sparse_routing_changes_output_and_trains_the_router(teacher):
     with torch.no_grad():
         assert (model(tokens).logits - teacher(tokens).logits).abs().max() > 1e-2
     model.train()
-    model(tokens, labels=tokens).loss.backward()
-    for layer in model.moe_layers():
+    out = model(tokens, labels=tokens, output_router_logits=True)
+    out.loss.backward()
+    for layer, routed in zip(model.moe_layers(), out.router_outputs):
         assert layer.router.main.grad.abs().sum() > 0 and layer.router.sub.grad.abs().sum() > 0
-        picked = layer.last_routing.mask.sum(0) > 0  # experts chosen by some token
+        picked = routed.mask.sum(0) > 0  # experts chosen by some token
         for expert in range(layer.num_experts):
             rows = layer.w_gate.grad[layer.expert_offsets[expert]:layer.expert_offsets[expert + 1]]
             assert (rows.abs().sum() > 0) == bool(picked[expert])
@@ -136,10 +173,9 @@ def test_sparse_routing_changes_output_and_trains_the_router(teacher):
                for layer in model.moe_layers())
 
 
-def test_oracle_mask_is_respected(teacher):
+def test_given_mask_and_oracle_routing(teacher):
     plan = sparse_plan()
-    model = assemble(teacher, plan, RoutingConfig(mode="oracle-mask"))
-    model.set_routing(RoutingConfig(mode="oracle-mask"))
+    model = assemble(teacher, plan, RoutingConfig(mode="topk", top_k=2))
     layer: MoELayer = model.moe_layers()[1]
     ffn = ffn_layout(teacher)[1]
     x = torch.randn(3, 4, 64)
@@ -150,16 +186,20 @@ def test_oracle_mask_is_respected(teacher):
                         ffn.down_proj.weight[:, units])
 
     shared_only = teacher_units(plan.layers[1].shared_units)
-    layer.oracle_mask = torch.zeros(12, 5)
+    mask = torch.zeros(12, 5)
     with torch.no_grad():
-        assert torch.allclose(layer(x), shared_only, atol=1e-6)
-        layer.oracle_mask[:, 3] = 1
+        assert torch.allclose(layer(x, mask=mask), shared_only, atol=1e-6)
+        mask[:, 3] = 1
         expected = shared_only + teacher_units(plan.layers[1].expert_units(3))
-        assert torch.allclose(layer(x), expected, atol=1e-5)
-        assert torch.equal(layer.last_routing.mask, layer.oracle_mask)
-        layer.oracle_mask = None
-        with pytest.raises(ValueError, match="needs a mask"):
+        assert torch.allclose(layer(x, mask=mask), expected, atol=1e-5)
+        # oracle: the experts of largest true mass Σ|h|·‖w_down‖ within the budget (42 of 84 units)
+        model.set_routing(RoutingConfig(mode="oracle", unit_budget=0.5))
+        with record_routing([layer]) as routed:
             layer(x)
+        h = layer.dense_h(x.reshape(-1, 64))
+        mass = expert_mass(h, layer.w_down, layer.unit_expert, 5)
+        assert torch.equal(routed[0][0].mask, budget_mask(mass.log(), layer.expert_sizes, 42))
+        assert torch.equal(routed[0][0].mask.sum(1) > 0, torch.ones(12, dtype=torch.bool))
 
 
 def test_moe_forward_is_stateless(full_model):

@@ -38,9 +38,8 @@ def test_dynamic_per_token_k():
                            [0.4, 0.3, 0.2, 0.1]])
     mask = topk_mask(scores, torch.tensor([1, 3, 0]))
     assert mask.tolist() == [[0, 0, 0, 1], [1, 0, 1, 1], [0, 0, 0, 0]]
-    router = HierarchicalRouter(8, [0, 0, 1, 1], RoutingConfig(top_k=1))
     ks = torch.tensor([1, 2, 4])
-    assert router.select(scores, ks).sum(-1).tolist() == [1, 2, 4]
+    assert select(scores, ks, torch.tensor([0, 0, 1, 1])).sum(-1).tolist() == [1, 2, 4]
 
 
 def test_budget_mask_on_hand_made_scores():
@@ -117,28 +116,35 @@ def test_router_modes(kind):
     expert_group = [0, 0, 1, 1, 1, 2]
     sizes = torch.tensor([3, 5, 2, 8, 4, 6])
     x = torch.randn(11, 16)
-    router = HierarchicalRouter(16, expert_group, RoutingConfig(router=kind, router_hidden=12))
+    router = HierarchicalRouter(16, expert_group, kind, hidden=12)
     router.reset_parameters(torch.Generator().manual_seed(3), std=0.5)
-    out = router(x)
+    out = router(x, RoutingConfig())
     assert out.scores.shape == out.mask.shape == (11, 6)
     assert torch.allclose(out.scores.logsumexp(-1), torch.zeros(11), atol=1e-5)
     assert (out.mask.sum(-1) == 2).all()  # default top_k=2
     assert torch.equal(out.mask, topk_mask(out.scores, 2))
-    router.config = RoutingConfig(mode="all", router=kind, router_hidden=12)
-    assert (router(x).mask == 1).all()
-    router.config = RoutingConfig(mode="budget", unit_budget=0.3, router=kind, router_hidden=12)
-    mask = router(x, expert_sizes=sizes).mask
+    assert (router(x, RoutingConfig(mode="all")).mask == 1).all()
+    mask = router(x, RoutingConfig(mode="budget", unit_budget=0.3), expert_sizes=sizes).mask
     assert ((mask * sizes).sum(-1) <= 0.3 * 28).all() and (mask.sum(-1) >= 1).all()
-    router.config = RoutingConfig(mode="topk", top_k=2, top_groups=1, router=kind, router_hidden=12)
-    mask = router(x).mask
+    mask = router(x, RoutingConfig(mode="topk", top_k=2, top_groups=1)).mask
     picked_groups = [{expert_group[e] for e in row.nonzero().flatten().tolist()} for row in mask]
     assert all(len(groups) == 1 for groups in picked_groups)
-    router.config = RoutingConfig(mode="oracle-mask", router=kind, router_hidden=12)
-    with pytest.raises(ValueError, match="needs a mask"):
-        router(x)
-    oracle = torch.zeros(11, 6)
-    oracle[:, 4] = 1
-    assert torch.equal(router(x, mask=oracle).mask, oracle)
+    # dynamic: the fewest best experts reaching top_p, clamped to [k_min, k_max]
+    dynamic = RoutingConfig(mode="dynamic", top_p=0.6, k_min=2, k_max=4)
+    out = router(x, dynamic)
+    probs = out.scores.exp().sort(-1, descending=True).values
+    for row, k in zip(probs, out.mask.sum(-1).long().tolist()):
+        reach = int((row.cumsum(0) - row < 0.6).sum())
+        assert k == min(max(reach, 2), 4)
+    # oracle: experts by the given mass within the budget; the router still scores
+    mass = torch.rand(11, 6)
+    out = router(x, RoutingConfig(mode="oracle", unit_budget=0.5), expert_sizes=sizes, oracle_scores=mass.log())
+    assert torch.equal(out.mask, budget_mask(mass.log(), sizes, 14))
+    with pytest.raises(ValueError, match="oracle_scores"):
+        router(x, RoutingConfig(mode="oracle"), expert_sizes=sizes)
+    given = torch.zeros(11, 6)
+    given[:, 4] = 1
+    assert torch.equal(router(x, RoutingConfig(), mask=given).mask, given)
 
 
 def test_router_init_is_seeded_and_config_validated():
@@ -148,6 +154,7 @@ def test_router_init_is_seeded_and_config_validated():
     b.reset_parameters(torch.Generator().manual_seed(7))
     assert torch.equal(a.main, b.main) and torch.equal(a.sub, b.sub)
     assert a.main.shape == (2, 16) and a.sub.shape == (3, 16) and 0 < a.sub.std() < 0.05
-    for bad in (dict(mode="sometimes"), dict(router="tree"), dict(top_k=0), dict(unit_budget=0.0)):
+    for bad in (dict(mode="sometimes"), dict(router="tree"), dict(top_k=0), dict(unit_budget=0.0),
+                dict(k_min=3, k_max=2), dict(top_p=0.0)):
         with pytest.raises(ValueError):
             RoutingConfig(**bad)

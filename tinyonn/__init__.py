@@ -21,17 +21,13 @@ from tinyonn.data import (
 )
 from tinyonn.errors import DataFormatError, TeacherNotFoundError, TinyONNError, UnsupportedArchitectureError
 from tinyonn.model.assemble import assemble
+from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM  # registers "tinyonn" with the Auto classes
 from tinyonn.model.routing import RoutingConfig
 from tinyonn.probing import probe
 from tinyonn.store import ScoreConfig, ScoreStore, score_store
 from tinyonn.teacher import FFNLayer, dequantize, ffn_layout, load_teacher
 
 __version__ = "0.1.0"
-
-try:  # importing the model registers TinyONN with the transformers Auto classes
-    from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM
-except ImportError:  # an older transformers (the GPU image's 5.17): probe and clustering still work
-    pass
 
 __all__ = [
     "assemble", "Batch", "cluster", "ClusterConfig", "collate", "DataConfig", "DataFormatError", "dequantize",

@@ -26,7 +26,7 @@ def cmd_run(args) -> int:
 
     import tinyonn
     from tinyonn.evaluation.metrics import sample_answers
-    from tinyonn.evaluation.extract import heldout_perplexity_by_category, routed_budgets, use_oracle_routing
+    from tinyonn.evaluation.extract import budget_routing, heldout_perplexity_by_category, routed_budgets
     from tinyonn.teacher import describe, load_teacher
 
     run_dir = Path(args.runs) / args.run
@@ -55,10 +55,8 @@ def cmd_run(args) -> int:
         validation = tinyonn.load_probe_set("builtin", "validation")[::25] if args.data == "builtin" else examples[:50]
         config = tinyonn.DataConfig(max_length=512, batch_size=16)
         dense = heldout_perplexity_by_category(model, tokenizer, validation, config)["all"]
-        handles = use_oracle_routing(moe, routed_budgets(moe, 0.5, summary["intermediate_size"]))
+        moe.set_routing(budget_routing(moe, routed_budgets(moe, 0.5, summary["intermediate_size"]), "oracle"))
         sparse = heldout_perplexity_by_category(moe, tokenizer, validation, config)["all"]
-        for handle in handles:
-            handle.remove()
         print(f"held-out perplexity: teacher {dense:.2f}; TinyONN at 50% of FFN units per token "
               f"(oracle routing) {sparse:.2f}  [{len(validation)} validation samples]")
     done = built_stages()

@@ -1,8 +1,9 @@
 """From a plan to a measured sparse model: oracle routing, router warm-up, held-out evaluation.
 
-- Oracle routing: at every MoE layer and token, the experts holding the most activation mass of
-  the layer's own dense computation (|h_j| · ‖W_down[:, j]‖ summed over the expert's units), taken
-  in descending order within the unit budget. It is the best a router could do for this partition.
+- Oracle routing (routing mode "oracle"): at every MoE layer and token, the experts holding the most
+  activation mass of the layer's own dense computation (|h_j| · ‖W_down[:, j]‖ summed over the
+  expert's units), taken in descending order within the unit budget. It is the best a router could
+  do for this partition.
 - Router warm-up: experts frozen, each layer's router learns from the teacher which experts hold
   the most activation mass per token (soft targets: the normalised mass over experts); recall@k
   says how many of the oracle's top-k experts the router's top-k finds.
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from tinyonn.config import DataConfig
 from tinyonn.data import Example, encode_examples, iter_batches
+from tinyonn.model.moe_layer import expert_mass
+from tinyonn.model.routing import RoutingConfig
 
 
 @dataclass(frozen=True)
@@ -41,51 +44,14 @@ class WarmupConfig:
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(max_length=256, batch_size=16))
 
 
-def expert_mass(h: torch.Tensor, down_norm: torch.Tensor, unit_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Activation mass of every expert per token: Σ_{j∈e} |h_j|·‖W_down[:, j]‖.  h [N, U] → [N, E]."""
-    contribution = h.abs().float() * down_norm.float()
-    mass = torch.zeros(h.shape[0], num_experts, dtype=torch.float32, device=h.device)
-    return mass.index_add_(1, unit_expert, contribution)
-
-
-def layer_dense_h(layer, x: torch.Tensor) -> torch.Tensor:
-    """h = silu(x W_gateᵀ) · (x W_upᵀ) of a MoE layer's routed units, for every unit. x [N, d]."""
-    return F.silu(x @ layer.w_gate.T) * (x @ layer.w_up.T)
-
-
-def oracle_mask(layer, x: torch.Tensor, budget_units: float) -> torch.Tensor:
-    """The oracle's expert mask [N, E] for a MoE layer's inputs x [N, d]: experts in descending
-    order of their true activation mass, within `budget_units` routed units per token."""
-    from tinyonn.model.routing import budget_mask
-
-    h = layer_dense_h(layer, x)
-    mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, layer.num_experts)
-    return budget_mask(torch.log(mass + 1e-30), layer.expert_sizes, budget_units)
-
-
-def use_oracle_routing(model, budgets: list[float]) -> list:
-    """Route every MoE layer by its oracle (within budgets[i] routed units); returns hook handles."""
-
-    def make_hook(budget):
-        def hook(layer, args):
-            x = args[0]
-            with torch.no_grad():
-                layer.oracle_mask = oracle_mask(layer, x.reshape(-1, x.shape[-1]), budget)
-        return hook
-
-    handles = []
-    for layer, budget in zip(model.moe_layers(), budgets):
-        layer.router.config = dataclasses.replace(layer.routing, mode="oracle-mask")
-        handles.append(layer.register_forward_pre_hook(make_hook(budget)))
-    return handles
-
-
-def use_router(model, budgets: list[float]) -> None:
-    """Route every MoE layer by its router within budgets[i] routed units (mode "budget")."""
-    for layer, budget in zip(model.moe_layers(), budgets):
-        layer.oracle_mask = None
-        units = float(layer.expert_sizes.sum())
-        layer.router.config = dataclasses.replace(layer.routing, mode="budget", unit_budget=budget / units)
+def budget_routing(model, budgets: list[float], mode: str = "budget") -> list[RoutingConfig]:
+    """Per-layer routing that keeps each token's routed units within `budgets[i]` in layer i,
+    picked by the router (mode "budget") or by the oracle (mode "oracle")."""
+    routing = []
+    for layer, current, budget in zip(model.moe_layers(), model.routing, budgets):
+        fraction = min(max(budget / float(layer.expert_sizes.sum()), 1e-9), 1.0)
+        routing.append(dataclasses.replace(current, mode=mode, unit_budget=fraction))
+    return routing
 
 
 def routed_budgets(model, active_fraction: float, intermediate_size: int) -> list[float]:
@@ -100,25 +66,22 @@ def routed_budgets(model, active_fraction: float, intermediate_size: int) -> lis
 @torch.no_grad()
 def collect_router_data(model, examples: list[Example], tokenizer, config: WarmupConfig) -> list[dict]:
     """Per MoE layer: MLP inputs x [N, d] and target expert-mass distributions [N, E] (all experts on)."""
-    from tinyonn.model.routing import RoutingConfig
-
     samples, _ = encode_examples(tokenizer, examples, config.data)
     layers = model.moe_layers()
-    for layer in layers:
-        layer.oracle_mask = None
-    model.set_routing(RoutingConfig(mode="all"))
     inputs: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [layer.register_forward_pre_hook(
         lambda m, args, i=i: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
         for i, layer in enumerate(layers)]
     kept_masks, tokens = [], 0
+    all_experts = [dataclasses.replace(routing, mode="all") for routing in model.routing]
     try:
-        for batch in iter_batches(samples, config.data.batch_size, tokenizer.pad_token_id, "right"):
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            kept_masks.append(batch.attention_mask.reshape(-1).bool())
-            tokens += int(batch.attention_mask.sum())
-            if tokens >= config.max_tokens:
-                break
+        with model.routing_scope(all_experts):
+            for batch in iter_batches(samples, config.data.batch_size, tokenizer.pad_token_id, "right"):
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                kept_masks.append(batch.attention_mask.reshape(-1).bool())
+                tokens += int(batch.attention_mask.sum())
+                if tokens >= config.max_tokens:
+                    break
     finally:
         for hook in hooks:
             hook.remove()
@@ -126,8 +89,7 @@ def collect_router_data(model, examples: list[Example], tokenizer, config: Warmu
     data = []
     for layer, xs in zip(layers, inputs):
         x = torch.cat(xs)[keep]
-        h = layer_dense_h(layer, x)
-        mass = expert_mass(h, layer.w_down.norm(dim=1), layer.unit_expert, layer.num_experts)
+        mass = expert_mass(layer.dense_h(x), layer.w_down, layer.unit_expert, layer.num_experts)
         data.append({"x": x, "target": mass / mass.sum(1, keepdim=True).clamp_min(1e-20), "mass": mass})
     return data
 
@@ -248,15 +210,11 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
         plan.save(run_dir / "plans" / method)
         model = assemble(teacher_model, plan).eval()
         budgets = routed_budgets(model, active_fraction, intermediate)
-        handles = use_oracle_routing(model, budgets)
+        model.set_routing(budget_routing(model, budgets, "oracle"))
         oracle = heldout_perplexity_by_category(model, tokenizer, validation, eval_config)
-        for handle in handles:
-            handle.remove()
-        for layer in model.moe_layers():
-            layer.oracle_mask = None
         data = collect_router_data(model, train, tokenizer, warmup)
         warm_metrics = warm_up_routers(model, data, warmup)
-        use_router(model, budgets)
+        model.set_routing(budget_routing(model, budgets, "budget"))
         routed = heldout_perplexity_by_category(model, tokenizer, validation, eval_config)
         model.save_pretrained(run_dir / "models" / method)
         report["partitions"][method] = {

@@ -6,12 +6,23 @@ attention, norms, head, KV cache, `generate` all as usual) and swaps each decode
 unit kept and every expert selected is the teacher's MLP). Compiled with `backend="tinyonn"`
 (`tinyonn.compile`), each layer's masked expert computation runs as the ragged Triton kernels.
 
+Routing is explicit state with one home: `config.routing` holds one `RoutingConfig` (as a dict) per
+layer, `set_routing` is the only way to change it (`routing_scope` changes it for a block and
+restores it), and it is saved and reloaded with the model. `forward(..., output_router_logits=True)`
+returns every layer's `RouterOutput` in `router_outputs`.
+
+Works with transformers 5.17 (the GPU image's) and newer: the composite config is declared both the
+old way (`sub_configs`) and the new (`sub_configs_defaults`).
+
 Importing this module registers "tinyonn" with `AutoConfig` and `AutoModelForCausalLM`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -22,11 +33,15 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tinyonn.model.moe_layer import MoELayer
-from tinyonn.model.routing import RoutingConfig
+try:  # transformers ≥ 5.2x; 5.17 (the GPU image's) declares sub-configs with `sub_configs` only
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:
+    SubConfigSpec = None
+
+from tinyonn.model.moe_layer import MoELayer, record_routing
+from tinyonn.model.routing import RouterOutput, RoutingConfig
 from tinyonn.teacher import decoder_layers
 
 
@@ -35,7 +50,9 @@ class TinyONNConfig(PreTrainedConfig):
     model, so `generate` and the caches find it) plus each layer's expert layout and the routing."""
 
     model_type = "tinyonn"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3")}
+    sub_configs = {"text_config": AutoConfig}  # older transformers; a class property in newer ones
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3")} \
+        if SubConfigSpec is not None else {}  # newer transformers build text_config from it
 
     text_config: dict | PreTrainedConfig | None = None
     """The teacher's config; saved as a dict in config.json."""
@@ -46,10 +63,15 @@ class TinyONNConfig(PreTrainedConfig):
     """Per layer, the router group of each expert."""
     shared_sizes: list[int] | None = None
     """Per layer, the number of units in the always-on shared expert."""
-    routing: dict | None = None
-    """A `RoutingConfig` as a dict."""
+    routing: list[dict] | dict | None = None
+    """One `RoutingConfig` (as a dict) per layer; a single dict applies to every layer."""
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.text_config, dict):  # older transformers leave the sub-config to us
+            text = dict(self.text_config)
+            self.text_config = AutoConfig.for_model(text.pop("model_type", "qwen3"), **text)
+        elif self.text_config is None:  # a default config (transformers builds one to diff against)
+            self.text_config = AutoConfig.for_model("qwen3")
         super().__post_init__(**kwargs)
         text = self.text_config
         layers, width = text.num_hidden_layers, text.intermediate_size
@@ -59,7 +81,13 @@ class TinyONNConfig(PreTrainedConfig):
         self.expert_group = self.expert_group if self.expert_group is not None else [
             [0] * len(sizes) for sizes in self.expert_sizes]
         self.shared_sizes = self.shared_sizes if self.shared_sizes is not None else [0] * layers
-        self.routing = asdict(RoutingConfig(**(self.routing or {})))
+        routing = self.routing if self.routing is not None else {}
+        routing = [routing] * layers if isinstance(routing, dict) else list(routing)
+        if len(routing) != layers:
+            raise ValueError(f"routing needs one entry per layer ({layers}), got {len(routing)}")
+        self.routing = [asdict(r if isinstance(r, RoutingConfig) else RoutingConfig(**r)) for r in routing]
+        if len({(r["router"], r["router_hidden"] if r["router"] == "mlp" else None) for r in self.routing}) > 1:
+            raise ValueError("every layer's routing must use the same router architecture (router, router_hidden)")
         if not len(self.expert_sizes) == len(self.expert_group) == len(self.shared_sizes) == layers:
             raise ValueError(f"expert_sizes, expert_group and shared_sizes need one entry per layer ({layers})")
         for layer, (sizes, groups) in enumerate(zip(self.expert_sizes, self.expert_group)):
@@ -71,15 +99,29 @@ class TinyONNConfig(PreTrainedConfig):
         return self.text_config
 
     @property
-    def routing_config(self) -> RoutingConfig:
-        return RoutingConfig(**self.routing)
+    def routing_configs(self) -> tuple[RoutingConfig, ...]:
+        """The routing of each layer."""
+        return tuple(RoutingConfig(**r) for r in self.routing)
 
 
 # ---------------------------------------------------------------- the model
 
 
+_CACHE_ARGUMENT = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+                   else "past_key_values")
+"""What this transformers version calls the KV cache argument of a causal LM's forward."""
+
+
 def _router_shape(routing: RoutingConfig) -> tuple:
     return routing.router, routing.router_hidden if routing.router == "mlp" else None
+
+
+@dataclass
+class TinyONNCausalLMOutput(CausalLMOutputWithPast):
+    """The backbone's output plus, with `output_router_logits=True`, each layer's routing."""
+
+    router_outputs: tuple[RouterOutput, ...] | None = None
+    """Per MoE layer: scores and mask over the N = batch × length tokens of this call."""
 
 
 class TinyONNForCausalLM(PreTrainedModel, GenerationMixin):
@@ -96,9 +138,8 @@ class TinyONNForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: TinyONNConfig):
         super().__init__(config)
         self.backbone = AutoModelForCausalLM.from_config(config.text_config)
-        routing = config.routing_config
         hidden = config.text_config.hidden_size
-        for index, block in enumerate(decoder_layers(self.backbone)):
+        for index, (block, routing) in enumerate(zip(decoder_layers(self.backbone), config.routing_configs)):
             block.mlp = MoELayer(hidden, config.expert_sizes[index], config.expert_group[index],
                                  config.shared_sizes[index], routing)
         self.post_init()
@@ -107,13 +148,35 @@ class TinyONNForCausalLM(PreTrainedModel, GenerationMixin):
         """The MoE layers in layer order."""
         return [block.mlp for block in decoder_layers(self.backbone)]
 
-    def set_routing(self, routing: RoutingConfig) -> None:
-        """Use `routing` in every layer (the router's architecture must stay the same)."""
-        if _router_shape(routing) != _router_shape(self.config.routing_config):
+    @property
+    def routing(self) -> tuple[RoutingConfig, ...]:
+        """The routing of each layer (from the config, the one source of truth)."""
+        return self.config.routing_configs
+
+    def set_routing(self, routing: RoutingConfig | Sequence[RoutingConfig]) -> None:
+        """Use `routing` in every layer, or `routing[i]` in layer i. The only way routing changes;
+        it is written to the config, so `save_pretrained` keeps it. The router architecture
+        (`router`, `router_hidden`) cannot change: assemble a new model for that."""
+        layers = self.moe_layers()
+        per_layer = [routing] * len(layers) if isinstance(routing, RoutingConfig) else list(routing)
+        if len(per_layer) != len(layers):
+            raise ValueError(f"set_routing needs one RoutingConfig per layer ({len(layers)}), got {len(per_layer)}")
+        shape = _router_shape(self.routing[0])
+        if any(_router_shape(r) != shape for r in per_layer):
             raise ValueError("set_routing cannot change the router architecture; assemble a new model")
-        for layer in self.moe_layers():
-            layer.router.config = routing
-        self.config.routing = asdict(routing)
+        self.config.routing = [asdict(r) for r in per_layer]
+        for layer, layer_routing in zip(layers, per_layer):
+            layer.routing = layer_routing
+
+    @contextmanager
+    def routing_scope(self, routing: RoutingConfig | Sequence[RoutingConfig]) -> Iterator[None]:
+        """Use `routing` inside the block and restore the previous routing on exit."""
+        previous = self.routing
+        self.set_routing(routing)
+        try:
+            yield
+        finally:
+            self.set_routing(previous)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
@@ -125,14 +188,22 @@ class TinyONNForCausalLM(PreTrainedModel, GenerationMixin):
         return self.backbone.get_output_embeddings()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache=None,
+                position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs) -> CausalLMOutputWithPast:
-        """The backbone's forward (KV cache, loss with `labels`, `logits_to_keep` as usual)."""
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                             logits_to_keep=logits_to_keep, **kwargs)
+                output_router_logits: bool = False, **kwargs) -> TinyONNCausalLMOutput:
+        """The backbone's forward (KV cache, loss with `labels`, `logits_to_keep` as usual); with
+        `output_router_logits`, each layer's `RouterOutput` in `router_outputs`. The KV cache is
+        `cache` in newer transformers and `past_key_values` in older ones: either is passed on."""
+        kv = cache if cache is not None else past_key_values
+        if kv is not None:
+            kwargs[_CACHE_ARGUMENT] = kv
+        with record_routing(self.moe_layers() if output_router_logits else []) as routed:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                logits_to_keep=logits_to_keep, **kwargs)
+        router_outputs = tuple(layer[-1] for layer in routed) if output_router_logits else None
+        return TinyONNCausalLMOutput(**out, router_outputs=router_outputs)
 
 
 AutoConfig.register("tinyonn", TinyONNConfig, exist_ok=True)

@@ -7,12 +7,19 @@ group, so `scores.exp()` sums to 1 over the experts. Selection turns scores into
 - "topk":   the `top_k` best experts per token (per-token k allowed, see `select`);
 - "budget": experts in descending score order while their units stay within `unit_budget` of the
             layer's routed units (at least one expert);
+- "dynamic": per token, the fewest best experts whose probability sums to `top_p`, at least
+            `k_min` and at most `k_max` (SMK's adaptive top-k);
 - "all":    every expert (with every unit kept, the MoE layer is then the teacher's MLP);
-- "oracle-mask": the caller gives the mask; the router still scores (so a loss can train it).
+- "oracle": experts in descending order of their true activation mass in the layer's own dense
+            computation, within `unit_budget` (the best any router could do for the partition);
+            the router still scores, so a loss can train it.
+A caller may also pass an explicit `mask` to `route` (functional use, tests).
 
 With `top_groups > 0` only experts of the token's best `top_groups` groups can be selected.
 Everything is a pure function of tensors; `HierarchicalRouter` only holds the weights, and
-`route(params, buffers, x, config)` is the stateless forward that `tinyonn.model.moe_layer.moe_forward` calls.
+`route(params, buffers, x, config)` is the stateless forward that `tinyonn.model.moe_layer` calls.
+Which routing a model uses is explicit state of the model (`TinyONNForCausalLM.set_routing`): one
+`RoutingConfig` per layer, saved in its config.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("topk", "budget", "all", "oracle-mask")
+MODES = ("topk", "budget", "dynamic", "all", "oracle")
 ROUTERS = ("linear", "mlp")
 
 
@@ -35,13 +42,19 @@ class RoutingConfig:
     """How a MoE layer picks its experts per token."""
 
     mode: str = "topk"
-    """"topk", "budget", "all" or "oracle-mask"."""
+    """"topk", "budget", "dynamic", "all" or "oracle"."""
     top_k: int = 2
     """Experts per token for "topk"."""
+    top_p: float = 0.5
+    """For "dynamic": router probability mass each token's experts must reach."""
+    k_min: int = 1
+    """For "dynamic": fewest experts per token."""
+    k_max: int = 8
+    """For "dynamic": most experts per token."""
     top_groups: int = 0
     """Groups the main router keeps per token (0: all groups); applies to "topk" and "budget"."""
     unit_budget: float = 0.25
-    """For "budget": fraction of the layer's routed units allowed active per token."""
+    """For "budget" and "oracle": fraction of the layer's routed units allowed active per token."""
     router: str = "linear"
     """"linear" (x → logits) or "mlp" (x → silu(x·W_hidden) → logits)."""
     router_hidden: int = 256
@@ -56,6 +69,9 @@ class RoutingConfig:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if self.top_k < 1 or self.top_groups < 0 or self.router_hidden < 1:
             raise ValueError("top_k and router_hidden must be ≥ 1, top_groups ≥ 0")
+        if not 1 <= self.k_min <= self.k_max or not 0 < self.top_p <= 1:
+            raise ValueError(f"dynamic routing needs 1 ≤ k_min ≤ k_max and top_p in (0, 1], got k_min={self.k_min}, "
+                             f"k_max={self.k_max}, top_p={self.top_p}")
         if not 0 < self.unit_budget <= 1:
             raise ValueError(f"unit_budget is a fraction in (0, 1], got {self.unit_budget}")
 
@@ -132,6 +148,15 @@ def budget_mask(scores: torch.Tensor, sizes: torch.Tensor, budget_units: torch.T
     return torch.zeros_like(keep).scatter(-1, order, keep).to(torch.float32)
 
 
+def dynamic_k(scores: torch.Tensor, top_p: float, k_min: int, k_max: int) -> torch.Tensor:
+    """[N, E] log-prob scores → [N] experts per token: the fewest whose probability reaches `top_p`,
+    clamped to [k_min, k_max] (and to E)."""
+    probs = scores.detach().float().exp().sort(dim=-1, descending=True).values
+    before = probs.cumsum(-1) - probs  # mass of the better experts before each one
+    k = (before < top_p).sum(-1)
+    return k.clamp(min(k_min, scores.shape[-1]), min(k_max, scores.shape[-1]))
+
+
 def group_mask(group_scores: torch.Tensor, expert_group: torch.Tensor, top_groups: int) -> torch.Tensor:
     """[N, G] group scores → [N, E] bool: experts whose group is among the token's `top_groups` best."""
     if top_groups <= 0 or top_groups >= group_scores.shape[-1]:
@@ -160,28 +185,35 @@ def select(scores: torch.Tensor, k: torch.Tensor | int | float, expert_group: to
 
 def route(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
           config: RoutingConfig, expert_sizes: torch.Tensor | None = None,
-          mask: torch.Tensor | None = None) -> RouterOutput:
+          oracle_scores: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> RouterOutput:
     """The stateless router forward: tokens x [N, d] → `RouterOutput`.
 
     `params`/`buffers` are a `HierarchicalRouter`'s own (`main`, `sub`, optional `hidden`;
-    `expert_group`). `expert_sizes` [E] is needed for "budget". A given `mask` [N, E] replaces the
-    selection (required for "oracle-mask").
+    `expert_group`). `expert_sizes` [E] is needed for "budget" and "oracle"; `oracle_scores` [N, E]
+    (the log of each expert's true activation mass) for "oracle". A given `mask` [N, E] replaces
+    the selection whatever the mode.
     """
     expert_group = buffers["expert_group"]
     scores = hierarchical_scores(*router_logits(params, x), expert_group)
     if mask is not None:
         return RouterOutput(scores, mask.to(scores.device, torch.float32))
-    if config.mode == "oracle-mask":
-        raise ValueError("routing mode 'oracle-mask' needs a mask (set MoELayer.oracle_mask)")
     if config.mode == "all":
         return RouterOutput(scores, torch.ones_like(scores))
     num_groups = params["main"].shape[0]
     if config.mode == "topk":
         return RouterOutput(scores, select(scores, config.top_k, expert_group, config.top_groups,
                                            num_groups=num_groups))
+    if config.mode == "dynamic":
+        k = dynamic_k(scores, config.top_p, config.k_min, config.k_max)
+        return RouterOutput(scores, select(scores, k, expert_group, config.top_groups, num_groups=num_groups))
     if expert_sizes is None:
-        raise ValueError("routing mode 'budget' needs expert_sizes")
-    budget = config.unit_budget * expert_sizes.sum()
+        raise ValueError(f"routing mode {config.mode!r} needs expert_sizes")
+    # units are whole: the floor of the budget (+ a hair for float rounding of fraction × total)
+    budget = torch.floor(config.unit_budget * expert_sizes.sum().double() + 1e-6).float()
+    if config.mode == "oracle":
+        if oracle_scores is None:
+            raise ValueError("routing mode 'oracle' needs the experts' activation mass (oracle_scores)")
+        return RouterOutput(scores, budget_mask(oracle_scores, expert_sizes, budget))
     return RouterOutput(scores, select(scores, budget, expert_group, config.top_groups, expert_sizes, num_groups))
 
 
@@ -190,15 +222,20 @@ def route(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: 
 
 class HierarchicalRouter(nn.Module):
     """One layer's router weights: main router `main` [G, h] (groups), sub-routers `sub` [E, h]
-    (one linear whose logits are read per group), and for the "mlp" router `hidden` [h, d]."""
+    (one linear whose logits are read per group), and for the "mlp" router `hidden` [h, d].
 
-    def __init__(self, d: int, expert_group: Sequence[int], config: RoutingConfig = RoutingConfig()):
+    It holds weights only: the routing policy (`RoutingConfig`) is passed to each call, so the
+    model's per-layer routing has one home (`TinyONNForCausalLM.set_routing`)."""
+
+    def __init__(self, d: int, expert_group: Sequence[int], kind: str = "linear", hidden: int = 256):
         super().__init__()
+        if kind not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {kind!r}")
         expert_group = [int(group) for group in expert_group]
-        self.config = config
+        self.kind = kind
         self.num_groups = max(expert_group) + 1
-        width = config.router_hidden if config.router == "mlp" else d
-        if config.router == "mlp":
+        width = hidden if kind == "mlp" else d
+        if kind == "mlp":
             self.hidden = nn.Parameter(torch.empty(width, d))
         self.main = nn.Parameter(torch.empty(self.num_groups, width))
         self.sub = nn.Parameter(torch.empty(len(expert_group), width))
@@ -222,11 +259,7 @@ class HierarchicalRouter(nn.Module):
         """Tokens [N, d] → [N, E] expert log-probs."""
         return hierarchical_scores(*router_logits(dict(self.named_parameters()), x), self.expert_group)
 
-    def select(self, scores: torch.Tensor, k: torch.Tensor | int | float,
-               expert_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        """Dynamic-k selection honouring this router's `top_groups` (see `select`)."""
-        return select(scores, k, self.expert_group, self.config.top_groups, expert_sizes, self.num_groups)
-
-    def forward(self, x: torch.Tensor, expert_sizes: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> RouterOutput:
-        return route(dict(self.named_parameters()), dict(self.named_buffers()), x, self.config, expert_sizes, mask)
+    def forward(self, x: torch.Tensor, config: RoutingConfig, expert_sizes: torch.Tensor | None = None,
+                oracle_scores: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> RouterOutput:
+        return route(dict(self.named_parameters()), dict(self.named_buffers()), x, config, expert_sizes,
+                     oracle_scores, mask)
