@@ -6,25 +6,69 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tinyonn.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_run_on_the_builtin_teacher_chains_the_built_stages(tmp_path, capsys):
+def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
     assert main(["run", "--runs", str(tmp_path), "--run", "smoke", "--samples", "40"]) == 0
     out = capsys.readouterr().out
     assert "12,288 FFN units" in out
-    for stage in ("probe", "cluster", "assemble"):
-        assert re.search(rf"{stage}\s+built", out), stage
-    assert re.search(r"train\s+not built yet", out)
+    assert "stages: probe ran, cluster ran, assemble ran, evaluate ran" in out
+    assert "not built yet: train" in out
     match = re.search(r"teacher ([0-9.]+); TinyONN at 50% of FFN units per token \(oracle routing\) ([0-9.]+)", out)
     assert match and 1 < float(match.group(1)) < float(match.group(2))
-    assert (tmp_path / "smoke" / "scores.zarr" / "zarr.json").is_file()
-    assert (tmp_path / "smoke" / "plan" / "plan.json").is_file()
-    assert (tmp_path / "smoke" / "model" / "config.json").is_file()
-    info = json.loads((tmp_path / "smoke" / "teacher.json").read_text())
-    assert info["model_type"] == "qwen3" and info["num_layers"] == 8
+    run = tmp_path / "smoke"
+    assert (run / "scores.zarr" / "zarr.json").is_file()
+    assert (run / "plan" / "plan.json").is_file() and (run / "plan" / "cells.png").is_file()
+    assert (run / "model" / "config.json").is_file()
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["probe_samples"] == 40 and config["cluster"]["method"] == "pidiff-hdbscan"
+    # the saved model is the measured one: its config routes by the oracle within 50% of the units
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert {r["mode"] for r in saved["routing"]} == {"oracle"}
+    report = json.loads((run / "report" / "evaluate.json").read_text())
+    assert abs(report["model_ppl"]["all"] - float(match.group(2))) < 0.01
+
+    # the same config again: nothing is redone
+    assert main(["run", "--runs", str(tmp_path), "--run", "smoke", "--samples", "40"]) == 0
+    assert "stages: probe skipped, cluster skipped, assemble skipped, evaluate skipped  (nothing to redo)" \
+        in capsys.readouterr().out
+    # one stage by its own command, with the run's settings: a changed partition reruns cluster,
+    # and then `run` redoes exactly the stages downstream of it
+    assert main(["cluster", "--runs", str(tmp_path), "--run", "smoke", "--method", "random"]) == 0
+    assert json.loads((run / "plan" / "plan.json").read_text())["method"] == "random"
+    assert main(["run", "--runs", str(tmp_path), "--run", "smoke", "--samples", "40", "--method", "random"]) == 0
+    assert "stages: probe skipped, cluster skipped, assemble ran, evaluate ran" in capsys.readouterr().out
+    assert main(["evaluate", "--runs", str(tmp_path), "--run", "smoke"]) == 0
+    assert main(["assemble", "--runs", str(tmp_path), "--run", "smoke", "--active-fraction", "0.25"]) == 0
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert all(r["unit_budget"] < 0.3 for r in saved["routing"])
+
+
+def test_stage_without_its_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["cluster", "--runs", str(tmp_path), "--run", "empty"]) == 2
+    assert "has no finished probe stage: run `tinyonn probe" in capsys.readouterr().err
+
+
+def test_run_config_round_trips_and_rejects_bad_fields(tmp_path):
+    from tinyonn.clustering import ClusterConfig
+    from tinyonn.errors import TinyONNError
+    from tinyonn.pipeline import RunConfig
+
+    config = RunConfig(run="x", probe_samples=12, cluster=ClusterConfig(method="random"), active_fraction=0.25)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert RunConfig.load(path) == config
+    with pytest.raises(TinyONNError, match="unknown field"):
+        RunConfig.from_dict({"run": "x", "sample": 3})
+    with pytest.raises(TinyONNError, match="active_fraction"):
+        RunConfig.from_dict({"active_fraction": 1.5})
+    with pytest.raises(TinyONNError, match="cluster: .*method"):
+        RunConfig.from_dict({"cluster": {"method": "astrology"}})
 
 
 def test_missing_teacher_directory_is_a_clear_error(tmp_path, capsys):

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from tinyonn.clustering.cluster import (
-    ClusterConfig,
-    _cell_hierarchy,
-    balanced_kmeans,
-    baseline_config,
-    cluster,
-    coactivation,
-    plot_cells,
-)
-from tinyonn.clustering.plan import ExpertPlan
-from tinyonn.store.scores import ScoreConfig, summary_score_fn
+from tinyonn.clustering import ClusterConfig, ExpertPlan, baseline_config, cluster
+from tinyonn.clustering.baselines import balanced_kmeans
+from tinyonn.clustering.experts import Expert, even_sizes, layer_plan
+from tinyonn.clustering.features import coactivation
+from tinyonn.clustering.groups import cell_hierarchy
+from tinyonn.clustering.plot import plot_cells
+from tinyonn.store.scores import ScoreConfig, normalise, summary_score_fn, zscore_columns
 from tinyonn.store.zarr_store import ChunkStats, ScoreStoreWriter
 
 LAYERS, PER_LAYER, N, GROUPS, GROUP_UNITS, ALWAYS_ON, NOISE = 3, 64, 96, 4, 12, 8, 8
@@ -230,11 +227,44 @@ def test_balanced_kmeans_exact_capacities():
 
 
 def test_cell_hierarchy_cuts_are_nested():
-    cuts = _cell_hierarchy(np.random.default_rng(1).normal(size=(7, 4)))
+    cuts = cell_hierarchy(np.random.default_rng(1).normal(size=(7, 4)))
     for k in range(1, 8):
         assert len(np.unique(cuts[:, k - 1])) == k
         if k > 1:  # every k-cut refines the (k-1)-cut
             assert all(len(np.unique(cuts[cuts[:, k - 1] == g, k - 2])) == 1 for g in range(k))
+
+
+def test_even_sizes_are_block_multiples_but_the_last():
+    assert even_sizes(70, 3, 16) == [32, 16, 22]
+    assert even_sizes(10, 4, 16) == [3, 3, 2, 2]  # fewer blocks than parts: plain near-equal sizes
+    assert even_sizes(5, 9, 4) == [1, 1, 1, 1, 1]  # never more parts than units
+
+
+def test_layer_plan_packs_experts_by_group():
+    index = np.array([5, 6, 7, 0, 1, 2, 3, 4])  # within-layer index of each global position
+    experts = [Expert(units=np.array([0, 1]), group=1, cell=4), Expert(units=np.array([3]), group=0, cell=-1),
+               Expert(units=np.array([2, 4]), group=1, cell=2)]
+    lp = layer_plan(3, index, np.array([6, 5]), experts)
+    assert lp.layer == 3 and lp.units.tolist() == [0, 5, 6, 7, 1] and lp.expert_offsets.tolist() == [0, 1, 3, 5]
+    assert lp.expert_group.tolist() == [0, 1, 1] and lp.expert_cell.tolist() == [-1, 4, 2]
+    assert lp.shared_units.tolist() == [2, 3]
+
+
+def test_zscore_columns_matches_normalise_per_column():
+    x = np.random.default_rng(2).lognormal(size=(50, 3))
+    x[:, 1] = 7.0
+    z = zscore_columns(x)
+    np.testing.assert_allclose(z[:, [0, 2]], np.stack([normalise(x[:, j], "zscore") for j in (0, 2)], axis=1))
+    assert np.all(z[:, 1] == 0) and x[0, 1] == 7.0  # constant column → 0; the input is left alone
+
+
+def test_config_dict_round_trip():
+    config = ClusterConfig(method="random", experts_per_layer=(3, 4), score=ScoreConfig(weights=(1.0, 2.0, 0.5)),
+                           **SHARED)
+    saved = json.loads(json.dumps(config.as_dict()))
+    assert saved["experts_per_layer"] == [3, 4]
+    assert ClusterConfig.from_dict({**saved, "no_longer_a_field": 1}) == config
+    assert ClusterConfig.from_dict({}) == ClusterConfig()
 
 
 def test_coactivation_embedding_separates_groups(store, data):

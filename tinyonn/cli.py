@@ -1,4 +1,9 @@
-"""`tinyonn` command line: a thin layer over the Python API."""
+"""`tinyonn` command line: a thin layer over the Python API.
+
+`run` turns its arguments into a `RunConfig` and calls `tinyonn.run_pipeline`; `cluster`,
+`assemble` and `evaluate` call one stage of the pipeline on a run folder; `probe` calls
+`tinyonn.probe`; `extract` compares partitions (`tinyonn.evaluation.extract`).
+"""
 
 from __future__ import annotations
 
@@ -8,68 +13,66 @@ import json
 import sys
 from pathlib import Path
 
+from tinyonn.clustering.config import METHODS
 from tinyonn.errors import TinyONNError
 
-PIPELINE = ("probe", "cluster", "assemble", "train", "evaluate")
+PLANNED_STAGES = ("train", "explain", "release")
+"""Stages of DESIGN.md's pipeline not built yet (listed by `tinyonn run`)."""
 
 
-def built_stages() -> list[str]:
-    """Pipeline stages whose code exists in this install."""
-    import tinyonn
+def run_config(args) -> RunConfig:  # noqa: F821 (imported lazily: the CLI starts fast)
+    """A `RunConfig` from `--config FILE` (if given) with the command's own options on top."""
+    from tinyonn.clustering import ClusterConfig
+    from tinyonn.pipeline import RunConfig
 
-    return [stage for stage in PIPELINE if callable(getattr(tinyonn, stage, None))]
+    runs = Path(args.runs or "stores/runs") / (args.run or "default")
+    if getattr(args, "config", None):
+        base = RunConfig.load(args.config)
+    elif args.command != "run" and (runs / "run_config.json").is_file():  # one stage: the run's own settings
+        base = RunConfig.load(runs / "run_config.json")
+    else:
+        base = RunConfig()
+    changes = {name: getattr(args, name) for name in ("run", "teacher", "quant", "data", "prompt",
+                                                      "active_fraction", "routing") if getattr(args, name, None) is not None}
+    if getattr(args, "runs", None) is not None:
+        changes["runs_dir"] = args.runs
+    if getattr(args, "samples", None) is not None:
+        changes["probe_samples"] = args.samples
+    cluster = {name: getattr(args, name) for name in ("method", "keep_fraction", "seed")
+               if getattr(args, name, None) is not None}
+    if cluster:
+        changes["cluster"] = dataclasses.replace(base.cluster or ClusterConfig(), **cluster)
+    return dataclasses.replace(base, **changes)
 
 
 def cmd_run(args) -> int:
-    """Run the pipeline stages built so far on a teacher and say which are not built yet."""
-    import torch
+    """Run every pipeline stage that is not up to date and report the evaluation."""
+    from tinyonn.pipeline import run_pipeline
 
-    import tinyonn
-    from tinyonn.evaluation.metrics import sample_answers
-    from tinyonn.evaluation.extract import budget_routing, heldout_perplexity_by_category, routed_budgets
-    from tinyonn.teacher import describe, load_teacher
-
-    run_dir = Path(args.runs) / args.run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_teacher(args.teacher, quant=args.quant, dtype=torch.float32)
-    summary = describe(model)
-    print(f"teacher {args.teacher}: {summary['model_type']}, {summary['num_layers']} layers, "
-          f"{summary['ffn_units']:,} FFN units, {summary['parameters']:,} parameters")
-    answer = sample_answers(model, tokenizer, [args.prompt], max_new_tokens=32)[0]
-    print(f"teacher answers {args.prompt!r}: {answer!r}")
-    (run_dir / "teacher.json").write_text(json.dumps({"source": args.teacher, **summary}, indent=1))
-    if args.samples > 0:
-        examples = tinyonn.load_probe_set(args.data, "train") if args.data == "builtin" else tinyonn.read_examples(args.data)
-        examples = examples[:: max(1, len(examples) // args.samples)][: args.samples]
-        print(f"[probe] {len(examples)} samples spread over the probe set")
-        store = tinyonn.probe(model, examples, tinyonn.ProbeConfig(), run_dir / "scores.zarr", tokenizer=tokenizer)
-        store.summary()
-        print("[cluster] PIDiff-guided HDBSCAN")
-        plan = tinyonn.cluster(store, tinyonn.ClusterConfig())
-        plan.save(run_dir / "plan")
-        print(json.dumps(plan.summary()))
-        print("[assemble] TinyONN model")
-        moe = tinyonn.assemble(model, plan).eval()
-        moe.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
-        validation = tinyonn.load_probe_set("builtin", "validation")[::25] if args.data == "builtin" else examples[:50]
-        config = tinyonn.DataConfig(max_length=512, batch_size=16)
-        dense = heldout_perplexity_by_category(model, tokenizer, validation, config)["all"]
-        moe.set_routing(budget_routing(moe, routed_budgets(moe, 0.5, summary["intermediate_size"]), "oracle"))
-        sparse = heldout_perplexity_by_category(moe, tokenizer, validation, config)["all"]
-        print(f"held-out perplexity: teacher {dense:.2f}; TinyONN at 50% of FFN units per token "
-              f"(oracle routing) {sparse:.2f}  [{len(validation)} validation samples]")
-    done = built_stages()
-    for stage in PIPELINE:
-        print(f"  {stage:<9} {'built' if stage in done else 'not built yet'}")
-    print(f"run folder: {run_dir}")
+    config = run_config(args)
+    result = run_pipeline(config)
+    report = result.get("evaluate")
+    if report is None:
+        report_path = config.run_dir / "report" / "evaluate.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if report is not None:
+        print(f"teacher answers {report['prompt']!r}: {report['teacher_answer']!r}")
+        print(f"TinyONN answers {report['prompt']!r}: {report['model_answer']!r}")
+        print(f"held-out perplexity: teacher {report['teacher_ppl']['all']:.2f}; TinyONN at "
+              f"{report['active_fraction']:.0%} of FFN units per token ({report['routing']} routing) "
+              f"{report['model_ppl']['all']:.2f}  [{report['examples']} validation samples]")
+    ran = [stage for stage, what in result["stages"].items() if what == "ran"]
+    print("stages: " + ", ".join(f"{stage} {what}" for stage, what in result["stages"].items())
+          + ("" if ran else "  (nothing to redo)"))
+    print("not built yet: " + ", ".join(PLANNED_STAGES))
+    print(f"run folder: {config.run_dir}")
     return 0
 
 
 def cmd_probe(args) -> int:
     """Probe a teacher into a Zarr score store (resumes an interrupted run)."""
     from tinyonn.config import DataConfig, ProbeConfig
-    from tinyonn.probing.run import probe
+    from tinyonn.probing import probe
 
     config = ProbeConfig(
         data=DataConfig(max_length=args.max_length, batch_size=args.batch_size),
@@ -83,63 +86,68 @@ def cmd_probe(args) -> int:
     return 0
 
 
-def cmd_cluster(args) -> int:
-    """Cluster a score store's units into concept cells and per-layer experts (the plan)."""
-    from tinyonn.clustering.cluster import ClusterConfig, cluster, plot_cells
+def cmd_stage(args) -> int:
+    """Run one pipeline stage (`cluster`, `assemble` or `evaluate`) on a run folder."""
+    from tinyonn.pipeline import STAGE_FUNCTIONS
 
-    run_dir = Path(args.runs) / args.run
-    store = args.store or str(run_dir / "scores.zarr")
-    plan = cluster(store, ClusterConfig(method=args.method, keep_fraction=args.keep_fraction, seed=args.seed))
-    out = run_dir / "plan"
-    plan.save(out)
-    plot_cells(plan, store, out / "cells.png")
-    print(json.dumps(plan.summary(), indent=1))
-    print(f"plan written to {out}")
-    return 0
-
-
-def cmd_assemble(args) -> int:
-    """Build the TinyONN model of a plan from the teacher and save it (Hugging Face format)."""
-    from tinyonn.model.assemble import assemble
-    from tinyonn.clustering.plan import ExpertPlan
-
-    run_dir = Path(args.runs) / args.run
-    model = assemble(args.teacher, ExpertPlan.load(args.plan or run_dir / "plan"))
-    from tinyonn.teacher import load_teacher
-
-    _, tokenizer = load_teacher(args.teacher)
-    model.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    print(f"TinyONN model written to {run_dir / 'model'}")
+    config = run_config(args)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    (config.run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    out = STAGE_FUNCTIONS[args.command](config)
+    print(f"{args.command} written to {out}")
     return 0
 
 
 def cmd_extract(args) -> int:
-    """Compare the three partitions at a budget of active units (oracle and warmed router)."""
+    """Compare the partitions at a budget of active units (oracle and warmed router)."""
     from tinyonn.evaluation.extract import WarmupConfig, evaluate_partitions, report_table
 
     run_dir = Path(args.runs) / args.run
-    report = evaluate_partitions(args.store or run_dir / "scores.zarr", args.teacher, run_dir,
+    report = evaluate_partitions(run_dir / "scores.zarr", args.teacher, run_dir,
                                  active_fraction=args.active_fraction,
                                  warmup=WarmupConfig(max_tokens=args.warmup_tokens),
-                                 eval_per_category=args.eval_per_category or None)
+                                 eval_per_category=args.eval_per_category or None, data=args.data)
     print(report_table(report))
     print(f"report: {run_dir / 'report' / 'extract.json'}")
     return 0
+
+
+def _run_folder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", default=None, help="run name, a folder under --runs (default: default)")
+    parser.add_argument("--runs", default=None, help="folder of runs (default: stores/runs)")
+    parser.add_argument("--config", default=None, help="a RunConfig JSON (e.g. another run's run_config.json)")
+
+
+def _teacher_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", default=None, help="'builtin' (default), a local model directory or a hub id")
+    parser.add_argument("--quant", default=None, choices=["none", "nf4", "int8"])
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default=None, choices=METHODS, help=f"partition (default {METHODS[0]})")
+    parser.add_argument("--keep-fraction", type=float, default=None, help="fraction of units kept (default 1)")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--active-fraction", type=float, default=None,
+                        help="FFN units active per token, shared + routed (default 0.5)")
+    parser.add_argument("--routing", default=None, choices=["oracle", "budget"],
+                        help="how the saved model picks experts (default oracle)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyonn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the pipeline stages built so far")
-    run.add_argument("--teacher", default="builtin", help="'builtin', a local model directory or a hub id")
-    run.add_argument("--quant", default="none", choices=["none", "nf4", "int8"])
-    run.add_argument("--run", default="default", help="run name (folder under --runs)")
-    run.add_argument("--runs", default="stores/runs")
-    run.add_argument("--prompt", default="What does the word \"harbour\" mean?")
-    run.add_argument("--data", default="builtin", help="probe data: 'builtin' or a JSONL file")
-    run.add_argument("--samples", type=int, default=600, help="probe samples (0: only load the teacher)")
+    run = sub.add_parser("run", help="run every pipeline stage that is not up to date")
+    _run_folder_options(run)
+    _teacher_options(run)
+    run.add_argument("--data", default=None, help="probe data: 'builtin' (default), a JSONL file or a folder of splits")
+    run.add_argument("--samples", type=int, default=None, help="probe samples (default 600; 0: only load the teacher)")
+    run.add_argument("--prompt", default=None, help="a chat prompt both models answer in the report")
+    _cluster_options(run)
+    _model_options(run)
     run.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("probe", help="measure every FFN unit into a Zarr score store")
@@ -162,27 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace a store probed with other inputs")
     pr.set_defaults(func=cmd_probe)
 
-    cl = sub.add_parser("cluster", help="concept cells and per-layer experts from a score store")
-    cl.add_argument("--run", default="default")
-    cl.add_argument("--runs", default="stores/runs")
-    cl.add_argument("--store", default=None, help="score store (default <runs>/<run>/scores.zarr)")
-    cl.add_argument("--method", default="pidiff-hdbscan", choices=["pidiff-hdbscan", "random", "coact-kmeans"])
-    cl.add_argument("--keep-fraction", type=float, default=1.0)
-    cl.add_argument("--seed", type=int, default=0)
-    cl.set_defaults(func=cmd_cluster)
+    cl = sub.add_parser("cluster", help="concept cells and per-layer experts from the run's score store")
+    _run_folder_options(cl)
+    _cluster_options(cl)
+    cl.set_defaults(func=cmd_stage)
 
-    asm = sub.add_parser("assemble", help="build the TinyONN model of a plan")
-    asm.add_argument("--teacher", default="builtin")
-    asm.add_argument("--run", default="default")
-    asm.add_argument("--runs", default="stores/runs")
-    asm.add_argument("--plan", default=None, help="plan folder (default <runs>/<run>/plan)")
-    asm.set_defaults(func=cmd_assemble)
+    asm = sub.add_parser("assemble", help="build the TinyONN model of the run's plan")
+    _run_folder_options(asm)
+    _teacher_options(asm)
+    _model_options(asm)
+    asm.set_defaults(func=cmd_stage)
+
+    ev = sub.add_parser("evaluate", help="held-out perplexity of the run's model beside the teacher's")
+    _run_folder_options(ev)
+    _teacher_options(ev)
+    ev.add_argument("--data", default=None, help="the data the run probed ('builtin' by default)")
+    ev.set_defaults(func=cmd_stage)
 
     ex = sub.add_parser("extract", help="compare partitions at a budget (oracle and warmed router)")
     ex.add_argument("--teacher", default="builtin")
+    ex.add_argument("--data", default="builtin", help="probe data whose held-out split is evaluated")
     ex.add_argument("--run", default="default")
     ex.add_argument("--runs", default="stores/runs")
-    ex.add_argument("--store", default=None)
     ex.add_argument("--active-fraction", type=float, default=0.5)
     ex.add_argument("--warmup-tokens", type=int, default=60_000)
     ex.add_argument("--eval-per-category", type=int, default=100, help="0: the whole validation split")
@@ -195,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except TinyONNError as err:
-        print(f"tinyonn: error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
+    except (TinyONNError, FileNotFoundError) as err:
         print(f"tinyonn: error: {err}", file=sys.stderr)
         return 2
 

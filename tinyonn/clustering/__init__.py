@@ -1,6 +1,15 @@
-"""Concept cells and experts: a score store → an `ExpertPlan` (which teacher units each expert holds)."""
+"""Concept cells and experts: a score store → an `ExpertPlan` (which teacher units each expert holds).
 
-from tinyonn.clustering.cluster import ClusterConfig, cluster
+Modules, each importing only the ones listed before it:
+config (ClusterConfig, METHODS) · plan (ExpertPlan, LayerPlan) · units (the store's units) ·
+budget (shared / routed / pruned units per layer) · profiles (activation profiles) ·
+features (unit features, co-activation, PCA) · experts (Expert, packing into a LayerPlan) ·
+slices (cell slices → sized experts) · groups (Ward tree → router groups) ·
+cells (pidiff-hdbscan) · baselines (random, coact-kmeans) · plot (plot_cells) · cluster (the entry).
+"""
+
+from tinyonn.clustering.cluster import baseline_config, cluster
+from tinyonn.clustering.config import METHODS, ClusterConfig
 from tinyonn.clustering.plan import ExpertPlan, LayerPlan
 
-__all__ = ["ClusterConfig", "ExpertPlan", "LayerPlan", "cluster"]
+__all__ = ["METHODS", "ClusterConfig", "ExpertPlan", "LayerPlan", "baseline_config", "cluster"]

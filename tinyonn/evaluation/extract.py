@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tinyonn.clustering.config import METHODS
 from tinyonn.config import DataConfig
 from tinyonn.data import Example, encode_examples, iter_batches
 from tinyonn.model.moe_layer import expert_mass
@@ -155,15 +156,17 @@ def timed(fn, *args, **kwargs):
     return value, time.time() - start
 
 
-PARTITIONS = ("pidiff-hdbscan", "random", "coact-kmeans")
+PARTITIONS = METHODS
 
 
 def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/runs/default",
                         active_fraction: float = 0.5, cluster_config=None, warmup: WarmupConfig | None = None,
                         eval_per_category: int | None = 100, methods: tuple[str, ...] = PARTITIONS,
-                        log=print) -> dict:
+                        data: str = "builtin", split: str = "validation", log=print) -> dict:
     """Build each partition, measure held-out perplexity per category with oracle routing and with
-    the warmed router at `active_fraction` of the FFN units active per token; write the report."""
+    the warmed router at `active_fraction` of the FFN units active per token; write the report.
+    `data` ("builtin" or a folder of `{split}.jsonl*` files) gives the router warm-up examples
+    (its train split) and the evaluated ones (`split`, the first `eval_per_category` per category)."""
     from tinyonn.model.assemble import assemble
     from tinyonn.clustering.cluster import ClusterConfig, baseline_config, cluster
     from tinyonn.data import load_probe_set
@@ -176,13 +179,13 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
     store = ScoreStore.open(store) if isinstance(store, (str, Path)) else store
     teacher_model, tokenizer = load_teacher(teacher) if isinstance(teacher, (str, Path)) else teacher
     intermediate = ffn_layout(teacher_model)[0].intermediate_size
-    validation = load_probe_set("builtin", "validation")
+    validation = load_probe_set(data, split)
     if eval_per_category:
         by_category: dict[str, list] = defaultdict(list)
         for example in validation:
             by_category[example.category].append(example)
         validation = [e for c in sorted(by_category) for e in by_category[c][:eval_per_category]]
-    train = load_probe_set("builtin", "train")
+    train = load_probe_set(data, "train")
     train = train[:: max(1, len(train) // 3000)]
     eval_config = DataConfig(max_length=512, batch_size=16)
     import datetime

@@ -15,14 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from typing import TYPE_CHECKING
 from tinyonn.clustering.plan import ExpertPlan
+from tinyonn.model.config import TinyONNConfig
+from tinyonn.model.modeling import TinyONNForCausalLM
+from tinyonn.model.moe_layer import MoELayer
 from tinyonn.model.routing import RoutingConfig
 from tinyonn.teacher import dequantize, ffn_layout, load_teacher
-
-if TYPE_CHECKING:  # the model module needs a newer transformers than the probe: import it on use
-    from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM
-    from tinyonn.model.moe_layer import MoELayer
 
 
 def _is_quantised(model: nn.Module) -> bool:
@@ -32,7 +30,6 @@ def _is_quantised(model: nn.Module) -> bool:
 
 def tinyonn_config(teacher: nn.Module, plan: ExpertPlan, routing: RoutingConfig, dtype: torch.dtype) -> TinyONNConfig:
     """The TinyONN config for `teacher` split as `plan` says (the plan itself stays in the run folder)."""
-    from tinyonn.model.modeling import TinyONNConfig
     text = teacher.config.to_dict()
     text.pop("quantization_config", None)  # the TinyONN weights are plain tensors
     text["dtype"] = str(dtype).removeprefix("torch.")
@@ -78,8 +75,6 @@ def assemble(teacher: nn.Module | str | Path, plan: ExpertPlan, routing: Routing
     `dtype` defaults to the teacher's float dtype (bf16 for a quantised teacher). Routers are
     initialised small-random from `seed`. The model is returned in eval mode on the teacher's device.
     """
-    from tinyonn.model.modeling import TinyONNForCausalLM
-
     if isinstance(teacher, (str, Path)):
         teacher, _ = load_teacher(teacher, dtype=dtype or torch.float32)
     routing = routing or RoutingConfig()

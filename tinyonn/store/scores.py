@@ -81,6 +81,16 @@ def normalise(values: np.ndarray, method: Norm = "rank") -> np.ndarray:
     return out
 
 
+def zscore_columns(x: np.ndarray) -> np.ndarray:
+    """Column z-scores of a 2-D float64 array (a new array): (x - column mean) / the population std
+    of the centred column; a constant column gives zeros. Unlike `normalise`, no NaN handling."""
+    x = x - x.mean(axis=0)
+    std = x.std(axis=0)
+    np.divide(x, std, out=x, where=std > 0)
+    x[:, std == 0] = 0.0
+    return x
+
+
 def pidiff(
     act: np.ndarray,
     freq: np.ndarray,

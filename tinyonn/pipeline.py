@@ -1,0 +1,432 @@
+"""The pipeline as an API: one `RunConfig` for a whole run, stage functions over the run folder.
+
+    teacher ─ probe ─→ scores.zarr ─ cluster ─→ plan/ ─ assemble ─→ model/ ─ evaluate ─→ report/
+
+`run_pipeline(RunConfig(...))` writes the config to `<runs_dir>/<run>/run_config.json` and calls the
+stages in order. Each stage is a function `stage(config) -> Path` that reads its inputs from the run
+folder and writes its outputs there, so any stage can be run (or rerun) alone. Each records
+`stages/<stage>.json`: a fingerprint of its config and of its inputs' fingerprints, its outputs,
+its time. A stage whose record matches and whose outputs are all present is skipped; otherwise it
+runs again, and so does everything downstream of it (their input fingerprints change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import shutil
+import time
+import typing
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tinyonn.clustering import ClusterConfig
+from tinyonn.config import DataConfig, ProbeConfig
+from tinyonn.errors import TinyONNError
+
+STAGES = ("probe", "cluster", "assemble", "evaluate")
+"""The stages `run_pipeline` chains, in order."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Which held-out examples the evaluation reads and how they are batched."""
+
+    split: str = "validation"
+    """The split of the builtin probe set (or of a probe-set directory) to evaluate on. For a
+    single data file, every `holdout_every`-th example is held out of the probe instead."""
+    stride: int = 25
+    """Every `stride`-th example of the split (1: all of them)."""
+    holdout_every: int = 10
+    """For a single data file: examples i with i % holdout_every == holdout_every - 1 are held out."""
+    max_length: int = 512
+    batch_size: int = 16
+
+    def __post_init__(self):
+        _check_positive(self, "stride", "holdout_every", "max_length", "batch_size")
+        if self.holdout_every < 2:
+            raise ValueError(f"EvalConfig.holdout_every must be ≥ 2, got {self.holdout_every}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run of the pipeline depends on (written into the run folder)."""
+
+    run: str = "default"
+    runs_dir: str = "stores/runs"
+    teacher: str = "builtin"
+    """"builtin", a local model directory or a hub id."""
+    quant: Literal["none", "nf4", "int8"] = "none"
+    data: str = "builtin"
+    """Probe data: "builtin" (the embedded train split), a JSONL file or a directory of splits."""
+    probe_samples: int = 600
+    """Probe samples, spread evenly over the data (0: load the teacher and stop)."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    active_fraction: float = 0.5
+    """Fraction of the teacher's FFN units active per token in the saved model (shared + routed)."""
+    routing: Literal["oracle", "budget"] = "oracle"
+    """How the saved model picks experts within that budget: "oracle" (the experts of largest
+    activation mass, computed from the layer's dense activations) or "budget" (its router)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prompt: str = 'What does the word "harbour" mean?'
+    """A chat prompt the teacher and the model answer in the evaluation report."""
+
+    def __post_init__(self):
+        if not self.run or "/" in self.run or self.run in (".", ".."):
+            raise ValueError(f"RunConfig.run must be a plain folder name, got {self.run!r}")
+        if self.quant not in ("none", "nf4", "int8"):
+            raise ValueError(f"RunConfig.quant must be none, nf4 or int8, got {self.quant!r}")
+        if self.probe_samples < 0:
+            raise ValueError(f"RunConfig.probe_samples must be ≥ 0, got {self.probe_samples}")
+        if not 0 < self.active_fraction <= 1:
+            raise ValueError(f"RunConfig.active_fraction must be in (0, 1], got {self.active_fraction}")
+        if self.routing not in ("oracle", "budget"):
+            raise ValueError(f"RunConfig.routing must be oracle or budget, got {self.routing!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        """The inverse of `to_dict` (unknown fields are an error naming them)."""
+        return _from_dict(cls, data, "RunConfig")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise TinyONNError(f"{path}: not a RunConfig JSON file ({err.msg}, line {err.lineno})") from None
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------- stage records
+
+
+def fingerprint(value: object) -> str:
+    """A short content hash of a JSON-able value (sorted keys, so dict order does not matter)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a finished stage leaves in `stages/<stage>.json`."""
+
+    stage: str
+    fingerprint: str
+    outputs: tuple[str, ...]
+    """Paths relative to the run folder."""
+    seconds: float
+    inputs: dict
+
+    def complete(self, run_dir: Path) -> bool:
+        return all((run_dir / output).exists() for output in self.outputs)
+
+
+def read_record(run_dir: Path, stage: str) -> StageRecord | None:
+    path = run_dir / "stages" / f"{stage}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return StageRecord(stage=data["stage"], fingerprint=data["fingerprint"], outputs=tuple(data["outputs"]),
+                       seconds=data["seconds"], inputs=data["inputs"])
+
+
+def _write_record(run_dir: Path, record: StageRecord) -> None:
+    path = run_dir / "stages" / f"{record.stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(record), indent=1, default=str))
+    tmp.replace(path)
+
+
+def _upstream(run_dir: Path, stage: str) -> str:
+    """The fingerprint of a finished upstream stage: its record's, or, for outputs made outside the
+    pipeline (e.g. `tinyonn probe --run R`), one read from the outputs themselves; else a clear
+    error naming the command to run."""
+    record = read_record(run_dir, stage)
+    if record is not None and record.complete(run_dir):
+        return record.fingerprint
+    found = _output_fingerprint(run_dir, stage)
+    if found is None:
+        raise TinyONNError(f"run folder {run_dir} has no finished {stage} stage: run `tinyonn {stage} "
+                           f"--run {run_dir.name} --runs {run_dir.parent}` (or `tinyonn run`) first")
+    return found
+
+
+def _output_fingerprint(run_dir: Path, stage: str) -> str | None:
+    if stage == "probe" and (run_dir / "scores.zarr" / "zarr.json").is_file():
+        from tinyonn.store import ScoreStore
+
+        try:
+            return "store:" + str(ScoreStore.open(run_dir / "scores.zarr").attrs["fingerprint"])
+        except Exception:  # an unfinished or damaged store is no input
+            return None
+    files = {"cluster": run_dir / "plan" / "plan.json", "assemble": run_dir / "model" / "config.json"}
+    if stage in files and files[stage].is_file():
+        return "file:" + hashlib.sha256(files[stage].read_bytes()).hexdigest()[:16]
+    return None
+
+
+def _stage_inputs(config: RunConfig, stage: str) -> dict:
+    """The part of the config a stage depends on, plus its upstream stage's fingerprint."""
+    run_dir = config.run_dir
+    if stage == "probe":
+        return {"teacher": config.teacher, "quant": config.quant, "data": config.data,
+                "probe_samples": config.probe_samples, "probe": dataclasses.asdict(config.probe),
+                "holdout_every": config.eval.holdout_every}
+    if stage == "cluster":
+        return {"probe": _upstream(run_dir, "probe"), "cluster": dataclasses.asdict(config.cluster)}
+    if stage == "assemble":
+        return {"cluster": _upstream(run_dir, "cluster"), "teacher": config.teacher, "quant": config.quant,
+                "active_fraction": config.active_fraction, "routing": config.routing}
+    if stage == "evaluate":
+        return {"assemble": _upstream(run_dir, "assemble"), "teacher": config.teacher, "quant": config.quant,
+                "data": config.data, "eval": dataclasses.asdict(config.eval), "prompt": config.prompt}
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def stage_is_current(config: RunConfig, stage: str) -> bool:
+    """Whether `stage` has finished with exactly these inputs and its outputs are all there."""
+    try:
+        inputs = _stage_inputs(config, stage)
+    except TinyONNError:
+        return False
+    record = read_record(config.run_dir, stage)
+    return record is not None and record.fingerprint == fingerprint(inputs) and record.complete(config.run_dir)
+
+
+def _run_stage(config: RunConfig, stage: str, body: Callable[[RunConfig], list[Path]], log=print) -> Path:
+    run_dir = config.run_dir
+    inputs = _stage_inputs(config, stage)
+    (run_dir / "stages" / f"{stage}.json").unlink(missing_ok=True)  # stale from here on
+    started = time.time()
+    outputs = body(config)
+    record = StageRecord(stage=stage, fingerprint=fingerprint(inputs), seconds=round(time.time() - started, 2),
+                         outputs=tuple(str(path.relative_to(run_dir)) for path in outputs), inputs=inputs)
+    _write_record(run_dir, record)
+    log(f"[{stage}] done in {record.seconds:.1f} s")
+    return outputs[0]
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a freshly written folder into place (the old one goes only once the new one is whole)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------- shared inputs
+
+
+@functools.lru_cache(maxsize=2)
+def _teacher(source: str, quant: str):
+    from tinyonn.teacher import load_teacher
+
+    return load_teacher(source, quant=quant)
+
+
+def _examples(config: RunConfig) -> tuple[list, list]:
+    """(probe examples, held-out evaluation examples) of the run's data."""
+    from tinyonn.data import load_probe_set
+
+    if config.data == "builtin" or Path(config.data).is_dir():
+        train = load_probe_set(config.data, "train")
+        held_out = load_probe_set(config.data, config.eval.split)
+    else:  # one file: hold out every holdout_every-th example, never probed
+        every = load_probe_set(config.data)
+        last = config.eval.holdout_every - 1
+        train = [e for i, e in enumerate(every) if i % config.eval.holdout_every != last]
+        held_out = [e for i, e in enumerate(every) if i % config.eval.holdout_every == last]
+    probed = train[:: max(1, len(train) // config.probe_samples)][: config.probe_samples] if config.probe_samples else []
+    return probed, held_out[:: config.eval.stride]
+
+
+# ---------------------------------------------------------------- stages
+
+
+def probe_stage(config: RunConfig, log=print) -> Path:
+    """Probe the teacher on `probe_samples` examples spread over the data → `scores.zarr`."""
+    from tinyonn.probing import probe
+
+    replacing = read_record(config.run_dir, "probe") is not None
+
+    def body(config: RunConfig) -> list[Path]:
+        model, tokenizer = _teacher(config.teacher, config.quant)
+        examples, _ = _examples(config)
+        if not examples:
+            raise TinyONNError("probe_samples is 0: nothing to probe")
+        log(f"[probe] {len(examples)} samples spread over the probe set")
+        store = probe(model, examples, config.probe, config.run_dir / "scores.zarr", tokenizer=tokenizer,
+                      overwrite=replacing)  # a store this pipeline finished for other inputs
+        store.summary()
+        return [config.run_dir / "scores.zarr"]
+
+    return _run_stage(config, "probe", body, log)
+
+
+def cluster_stage(config: RunConfig, log=print) -> Path:
+    """Concept cells and per-layer experts from the run's score store → `plan/` (+ `cells.png`)."""
+    from tinyonn.clustering import cluster
+    from tinyonn.clustering.plot import plot_cells
+    from tinyonn.store import ScoreStore
+
+    def body(config: RunConfig) -> list[Path]:
+        log(f"[cluster] {config.cluster.method}")
+        store = ScoreStore.open(config.run_dir / "scores.zarr")
+        plan = cluster(store, config.cluster)
+        tmp = config.run_dir / "plan.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        plan.save(tmp)
+        plot_cells(plan, store, tmp / "cells.png")
+        _replace_dir(tmp, config.run_dir / "plan")
+        log(json.dumps(plan.summary()))
+        return [config.run_dir / "plan"]
+
+    return _run_stage(config, "cluster", body, log)
+
+
+def assemble_stage(config: RunConfig, log=print) -> Path:
+    """The TinyONN model of the plan, routed within `active_fraction` as `routing` says → `model/`."""
+    from tinyonn.clustering import ExpertPlan
+    from tinyonn.evaluation.extract import budget_routing, routed_budgets
+    from tinyonn.model.assemble import assemble
+    from tinyonn.teacher import ffn_layout
+
+    def body(config: RunConfig) -> list[Path]:
+        log(f"[assemble] TinyONN model, {config.active_fraction:.0%} of FFN units per token ({config.routing} routing)")
+        teacher, tokenizer = _teacher(config.teacher, config.quant)
+        model = assemble(teacher, ExpertPlan.load(config.run_dir / "plan"))
+        width = ffn_layout(teacher)[0].intermediate_size
+        model.set_routing(budget_routing(model, routed_budgets(model, config.active_fraction, width), config.routing))
+        tmp = config.run_dir / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, config.run_dir / "model")
+        return [config.run_dir / "model"]
+
+    return _run_stage(config, "assemble", body, log)
+
+
+def evaluate_stage(config: RunConfig, log=print) -> Path:
+    """Held-out perplexity per category of the saved model (reloaded from `model/`) beside the
+    teacher's, and both answers to the prompt → `report/evaluate.json`."""
+    from transformers import AutoModelForCausalLM
+
+    from tinyonn.evaluation.metrics import heldout_perplexity, sample_answers
+
+    def body(config: RunConfig) -> list[Path]:
+        teacher, tokenizer = _teacher(config.teacher, config.quant)
+        model = AutoModelForCausalLM.from_pretrained(config.run_dir / "model").eval()
+        _, held_out = _examples(config)
+        data = DataConfig(max_length=config.eval.max_length, batch_size=config.eval.batch_size)
+        log(f"[evaluate] held-out perplexity on {len(held_out)} examples")
+        teacher_ppl = {c: v["ppl"] for c, v in heldout_perplexity(teacher, tokenizer, held_out, data,
+                                                                   config.eval.batch_size).items()}
+        model_ppl = {c: v["ppl"] for c, v in heldout_perplexity(model, tokenizer, held_out, data,
+                                                                 config.eval.batch_size).items()}
+        report = {
+            "active_fraction": config.active_fraction, "routing": config.routing,
+            "examples": len(held_out), "teacher_ppl": teacher_ppl, "model_ppl": model_ppl,
+            "ppl_ratio_max": max(model_ppl[c] / teacher_ppl[c] for c in teacher_ppl if c != "all"),
+            "prompt": config.prompt,
+            "teacher_answer": sample_answers(teacher, tokenizer, [config.prompt], max_new_tokens=32)[0],
+            "model_answer": sample_answers(model, tokenizer, [config.prompt], max_new_tokens=32)[0],
+        }
+        path = config.run_dir / "report" / "evaluate.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        return [path]
+
+    return _run_stage(config, "evaluate", body, log)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[..., Path]] = {
+    "probe": probe_stage, "cluster": cluster_stage, "assemble": assemble_stage, "evaluate": evaluate_stage}
+
+
+def run_pipeline(config: RunConfig, log=print) -> dict:
+    """Run every stage whose outputs are missing or stale, skip the rest; returns what each did
+    (`{"stages": {stage: "ran" | "skipped"}, "evaluate": report}`)."""
+    from tinyonn.teacher import describe
+
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    teacher, _ = _teacher(config.teacher, config.quant)
+    summary = describe(teacher)
+    log(f"teacher {config.teacher}: {summary['model_type']}, {summary['num_layers']} layers, "
+        f"{summary['ffn_units']:,} FFN units, {summary['parameters']:,} parameters")
+    done: dict[str, str] = {}
+    stages = STAGES if config.probe_samples else ()
+    for stage in stages:
+        if stage_is_current(config, stage):
+            done[stage] = "skipped"
+            log(f"[{stage}] up to date: skipped")
+            continue
+        STAGE_FUNCTIONS[stage](config, log)
+        done[stage] = "ran"
+    result: dict = {"stages": done, "run_dir": str(run_dir)}
+    if "evaluate" in done:
+        result["evaluate"] = json.loads((run_dir / "report" / "evaluate.json").read_text())
+    return result
+
+
+# ---------------------------------------------------------------- config plumbing
+
+
+def _check_positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _from_dict(cls, data: dict, where: str):
+    """Build a (nested) frozen dataclass from its `asdict` form; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise TinyONNError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TinyONNError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        target = next((t for t in (kind, *typing.get_args(kind)) if dataclasses.is_dataclass(t)), None)
+        if target is not None and isinstance(value, dict):
+            value = _from_dict(target, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise TinyONNError(f"{where}: {err}") from None
+
+
+def stage_times(run_dir: Path) -> dict[str, float]:
+    """Seconds each finished stage of a run took (from its records)."""
+    times: dict[str, float] = defaultdict(float)
+    for stage in STAGES:
+        record = read_record(Path(run_dir), stage)
+        if record is not None:
+            times[stage] = record.seconds
+    return dict(times)
