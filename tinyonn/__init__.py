@@ -23,6 +23,7 @@ from tinyonn.errors import DataFormatError, TeacherNotFoundError, TinyONNError, 
 from tinyonn.model.assemble import assemble
 from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM  # registers "tinyonn" with the Auto classes
 from tinyonn.model.routing import RoutingConfig
+from tinyonn.pipeline import EvalConfig, RunConfig, run_pipeline
 from tinyonn.probing import probe
 from tinyonn.store import ScoreConfig, ScoreStore, score_store
 from tinyonn.teacher import FFNLayer, dequantize, ffn_layout, load_teacher
@@ -33,7 +34,7 @@ __all__ = [
     "assemble", "Batch", "cluster", "ClusterConfig", "collate", "DataConfig", "DataFormatError", "dequantize",
     "encode_example", "encode_examples", "EncodedSample", "Example", "ExpertPlan", "ffn_layout", "FFNLayer",
     "iter_batches", "load_eval_set", "load_probe_set", "load_teacher", "per_sample_loss", "probe",
-    "ProbeConfig", "read_examples", "RoutingConfig", "score_store", "ScoreConfig", "ScoreStore",
+    "ProbeConfig", "read_examples", "RoutingConfig", "run_pipeline", "RunConfig", "EvalConfig", "score_store", "ScoreConfig", "ScoreStore",
     "TeacherNotFoundError", "TinyONNConfig", "TinyONNError", "TinyONNForCausalLM",
     "UnsupportedArchitectureError",
 ]
