@@ -54,7 +54,8 @@ def _units_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, ti
                   R, D, H, max_units,
                   BACKWARD: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Forward: x, w1 = Wg, w2 = Wu → h (and g, u when SAVE). Backward: x = dy, w1 = Wd, saved g, u → dg, du."""
+    """Forward: x, w1 = Wg, w2 = Wu → h (and g, u when SAVE). Backward: x = dy, w1 = Wd, saved g, u → dg, du.
+    Pointers a mode does not use are None (`_launch_units_forward`, `_launch_units_backward`)."""
     pid = tl.program_id(0)
     unit_tiles = tl.cdiv(max_units, BN)
     tile, j = pid // unit_tiles, pid % unit_tiles
@@ -69,8 +70,9 @@ def _units_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, ti
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[R, D], strides=[D, 1], block_shape=[BM, BK])
     w1_desc = tl.make_tensor_descriptor(w1_ptr + u0.to(tl.int64) * D, shape=[n, D], strides=[D, 1],
                                         block_shape=[BN, BK])
-    w2_desc = tl.make_tensor_descriptor(w2_ptr + u0.to(tl.int64) * D, shape=[n, D], strides=[D, 1],
-                                        block_shape=[BN, BK])
+    if not BACKWARD:
+        w2_desc = tl.make_tensor_descriptor(w2_ptr + u0.to(tl.int64) * D, shape=[n, D], strides=[D, 1],
+                                            block_shape=[BN, BK])
     acc1 = tl.full((BM, BN), 0.0, tl.float32)
     acc2 = tl.full((BM, BN), 0.0, tl.float32)
     for k in range(0, D, BK):
@@ -110,7 +112,8 @@ def _rows_kernel(a1_ptr, w1_ptr, a2_ptr, w2_ptr, out_ptr, tile_expert_ptr, unit_
                  R, D, H,
                  TWO: tl.constexpr, PREC: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[rows, d tile] = a1·W1_e (+ a2·W2_e), K over the expert's units; zeros for unowned tiles."""
+    """out[rows, d tile] = a1·W1_e (+ a2·W2_e when TWO; else a2, w2 are None), K over the expert's units;
+    zeros for unowned tiles."""
     pid = tl.program_id(0)
     d_tiles = tl.cdiv(D, BN)
     tile, j = pid // d_tiles, pid % d_tiles
@@ -121,11 +124,12 @@ def _rows_kernel(a1_ptr, w1_ptr, a2_ptr, w2_ptr, out_ptr, tile_expert_ptr, unit_
         n = tl.load(unit_offsets_ptr + expert + 1) - u0
         rows = tl.maximum(n, 1)  # a 0-unit expert runs no K step; its descriptor just needs a valid shape
         a1_desc = tl.make_tensor_descriptor(a1_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BK])
-        a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BK])
         w1_desc = tl.make_tensor_descriptor(w1_ptr + u0.to(tl.int64) * D, shape=[rows, D], strides=[D, 1],
                                             block_shape=[BK, BN])
-        w2_desc = tl.make_tensor_descriptor(w2_ptr + u0.to(tl.int64) * D, shape=[rows, D], strides=[D, 1],
-                                            block_shape=[BK, BN])
+        if TWO:
+            a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[R, H], strides=[H, 1], block_shape=[BM, BK])
+            w2_desc = tl.make_tensor_descriptor(w2_ptr + u0.to(tl.int64) * D, shape=[rows, D], strides=[D, 1],
+                                                block_shape=[BK, BN])
         for k in range(0, n, BK):  # weight rows past the expert load as 0
             acc = tl.dot(a1_desc.load([tile * BM, k]), w1_desc.load([k, j * BN]), acc, input_precision=PREC)
             if TWO:
@@ -142,8 +146,9 @@ def _weights_kernel(a1_ptr, a2_ptr, b_ptr, dw1_ptr, dw2_ptr, sq_ptr, segment_off
                     R, D, H, max_units, sq_stride,
                     TWO: tl.constexpr, PREC: tl.constexpr,
                     BU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """dW1[expert's units, d tile] = a1^T·b (and dW2 = a2^T·b), K over the expert's rows; the tile's
-    squared norm goes to sq[expert, unit tile · d tile] (a row of `sq_stride` zeros per expert)."""
+    """dW1[expert's units, d tile] = a1^T·b (and dW2 = a2^T·b when TWO; else a2, dw2 are None), K over
+    the expert's rows; the tile's squared norm goes to sq[expert, unit tile · d tile] (a row of
+    `sq_stride` zeros per expert)."""
     pid = tl.program_id(0)
     unit_tiles, d_tiles = tl.cdiv(max_units, BU), tl.cdiv(D, BN)
     per_expert = unit_tiles * d_tiles
@@ -155,7 +160,8 @@ def _weights_kernel(a1_ptr, a2_ptr, b_ptr, dw1_ptr, dw2_ptr, sq_ptr, segment_off
     r0 = tl.load(segment_offsets_ptr + expert)
     r1 = tl.load(segment_offsets_ptr + expert + 1)
     a1_desc = tl.make_tensor_descriptor(a1_ptr, shape=[R, H], strides=[H, 1], block_shape=[BK, BU])
-    a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[R, H], strides=[H, 1], block_shape=[BK, BU])
+    if TWO:
+        a2_desc = tl.make_tensor_descriptor(a2_ptr, shape=[R, H], strides=[H, 1], block_shape=[BK, BU])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[R, D], strides=[D, 1], block_shape=[BK, BN])
     acc1 = tl.full((BU, BN), 0.0, tl.float32)
     acc2 = tl.full((BU, BN), 0.0, tl.float32)
@@ -220,30 +226,47 @@ def _prepare(x: torch.Tensor) -> None:
         triton.set_allocator(_tma_scratch)
 
 
-def _launch_units(x, w1, w2, g, u, h, dg, du, tile_expert, unit_offsets, max_units, backward, save, prec):
-    rows, d = x.shape
+def _units_grid(rows: int, max_units: int):
     tiles = rows // ROW_BLOCK
-    _units_kernel[lambda meta: (tiles * triton.cdiv(max_units, meta["BN"]),)](
-        x, w1, w2, g, u, h, dg, du, tile_expert, unit_offsets, rows, d, h.shape[1], max_units,
-        BACKWARD=backward, SAVE=save, PREC=prec, BM=ROW_BLOCK)
+    return lambda meta: (tiles * triton.cdiv(max_units, meta["BN"]),)
 
 
-def _launch_rows(a1, w1, a2, w2, out, tile_expert, unit_offsets, two, prec):
+def _launch_units_forward(x, w_gate, w_up, h, tile_expert, unit_offsets, max_units, prec, *, g=None, u=None):
+    """h = silu(x·Wg^T)·(x·Wu^T); with `g` and `u`, the pre-activations are saved there too."""
+    rows, d = x.shape
+    _units_kernel[_units_grid(rows, max_units)](
+        x_ptr=x, w1_ptr=w_gate, w2_ptr=w_up, g_ptr=g, u_ptr=u, h_ptr=h, dg_ptr=None, du_ptr=None,
+        tile_expert_ptr=tile_expert, unit_offsets_ptr=unit_offsets, R=rows, D=d, H=h.shape[1], max_units=max_units,
+        BACKWARD=False, SAVE=g is not None, PREC=prec, BM=ROW_BLOCK)
+
+
+def _launch_units_backward(dy, w_down, g, u, dg, du, tile_expert, unit_offsets, max_units, prec):
+    """dg, du from dh = dy·Wd^T and the saved pre-activations g, u."""
+    rows, d = dy.shape
+    _units_kernel[_units_grid(rows, max_units)](
+        x_ptr=dy, w1_ptr=w_down, w2_ptr=None, g_ptr=g, u_ptr=u, h_ptr=None, dg_ptr=dg, du_ptr=du,
+        tile_expert_ptr=tile_expert, unit_offsets_ptr=unit_offsets, R=rows, D=d, H=g.shape[1], max_units=max_units,
+        BACKWARD=True, SAVE=False, PREC=prec, BM=ROW_BLOCK)
+
+
+def _launch_rows(out, tile_expert, unit_offsets, prec, *, a1, w1, a2=None, w2=None):
+    """out = a1·W1 (+ a2·W2 when given) per expert, K over the expert's units."""
     rows, d = out.shape
     tiles = rows // ROW_BLOCK
     _rows_kernel[lambda meta: (tiles * triton.cdiv(d, meta["BN"]),)](
-        a1, w1, a2, w2, out, tile_expert, unit_offsets, rows, d, a1.shape[1],
-        TWO=two, PREC=prec, BM=ROW_BLOCK)
+        a1_ptr=a1, w1_ptr=w1, a2_ptr=a2, w2_ptr=w2, out_ptr=out, tile_expert_ptr=tile_expert,
+        unit_offsets_ptr=unit_offsets, R=rows, D=d, H=a1.shape[1], TWO=a2 is not None, PREC=prec, BM=ROW_BLOCK)
 
 
-def _launch_weights(a1, a2, b, dw1, dw2, segment_offsets, unit_offsets, max_units, two, prec) -> torch.Tensor:
-    """Runs `_weights_kernel`; returns [E] Σ of the tiles' squared norms."""
+def _launch_weights(b, segment_offsets, unit_offsets, max_units, prec, *, a1, dw1, a2=None, dw2=None) -> torch.Tensor:
+    """dW1 = a1^T·b (and dW2 = a2^T·b when given) per expert; returns [E] Σ of the tiles' squared norms."""
     experts, d = unit_offsets.shape[0] - 1, b.shape[1]
     stride = triton.cdiv(max_units, 32) * triton.cdiv(d, 32)  # ≥ tiles per expert for any config
     sq = torch.zeros(experts, stride, device=b.device, dtype=torch.float32)
     _weights_kernel[lambda meta: (experts * triton.cdiv(max_units, meta["BU"]) * triton.cdiv(d, meta["BN"]),)](
-        a1, a2, b, dw1, dw2, sq, segment_offsets, unit_offsets, b.shape[0], d, a1.shape[1], max_units, stride,
-        TWO=two, PREC=prec)
+        a1_ptr=a1, a2_ptr=a2, b_ptr=b, dw1_ptr=dw1, dw2_ptr=dw2, sq_ptr=sq, segment_offsets_ptr=segment_offsets,
+        unit_offsets_ptr=unit_offsets, R=b.shape[0], D=d, H=a1.shape[1], max_units=max_units, sq_stride=stride,
+        TWO=a2 is not None, PREC=prec)
     return sq.sum(1)
 
 
@@ -261,13 +284,13 @@ def ragged_swiglu(x_sorted: torch.Tensor, segment_offsets: torch.Tensor, w_gate:
     unit_offsets = unit_offsets.to(torch.int32)
     width = _width(max_units)
     h = x_sorted.new_empty(rows, width)
-    g, u = (x_sorted.new_empty(rows, width), x_sorted.new_empty(rows, width)) if save else (h, h)
+    g, u = (x_sorted.new_empty(rows, width), x_sorted.new_empty(rows, width)) if save else (None, None)
     y = torch.empty_like(x_sorted)
     prec = _precision(x_sorted, w_gate)
     if rows and max_units:
-        _launch_units(x_sorted, w_gate, w_up, g, u, h, h, h, tile_expert, unit_offsets, max_units, False, save, prec)
+        _launch_units_forward(x_sorted, w_gate, w_up, h, tile_expert, unit_offsets, max_units, prec, g=g, u=u)
     if rows:
-        _launch_rows(h, w_down, h, w_down, y, tile_expert, unit_offsets, False, prec)
+        _launch_rows(y, tile_expert, unit_offsets, prec, a1=h, w1=w_down)
     return (y, (g, u, h)) if save else y
 
 
@@ -291,10 +314,11 @@ def ragged_swiglu_backward(dy: torch.Tensor, x_sorted: torch.Tensor, segment_off
     sq = torch.zeros(unit_offsets.shape[0] - 1, device=x_sorted.device, dtype=torch.float32)
     if rows and max_units:
         dg, du = torch.empty_like(g), torch.empty_like(u)
-        _launch_units(dy, w_down, w_down, g, u, h, dg, du, tile_expert, unit_offsets, max_units, True, False, prec)
-        sq = (_launch_weights(dg, du, x_sorted, dw_gate, dw_up, segment_offsets, unit_offsets, max_units, True, prec)
-              + _launch_weights(h, h, dy, dw_down, dw_down, segment_offsets, unit_offsets, max_units, False, prec))
-        _launch_rows(dg, w_gate, du, w_up, dx, tile_expert, unit_offsets, True, prec)
+        _launch_units_backward(dy, w_down, g, u, dg, du, tile_expert, unit_offsets, max_units, prec)
+        sq = (_launch_weights(x_sorted, segment_offsets, unit_offsets, max_units, prec,
+                              a1=dg, dw1=dw_gate, a2=du, dw2=dw_up)
+              + _launch_weights(dy, segment_offsets, unit_offsets, max_units, prec, a1=h, dw1=dw_down))
+        _launch_rows(dx, tile_expert, unit_offsets, prec, a1=dg, w1=w_gate, a2=du, w2=w_up)
     elif rows:
         dx.zero_()
     return SwiGLUGrads(dx, dw_gate, dw_up, dw_down, sq)

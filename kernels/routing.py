@@ -135,8 +135,9 @@ class _RouteTopK(torch.autograd.Function):
             block_e, block_g = triton.next_power_of_2(num_experts), triton.next_power_of_2(num_groups)
             block_n = max(1, min(64, ROUTE_ELEMENTS // block_e))
             _route_topk_kernel[(triton.cdiv(n, block_n),)](
-                group_logits, expert_logits, expert_group.contiguous(), scores, group_lp, expert_ids, probs,
-                n, num_groups, num_experts, top_k, group_picks,
+                group_ptr=group_logits, expert_ptr=expert_logits, expert_group_ptr=expert_group.contiguous(),
+                scores_ptr=scores, group_lp_ptr=group_lp, ids_ptr=expert_ids, probs_ptr=probs,
+                N=n, G=num_groups, E=num_experts, top_k=top_k, group_picks=group_picks,
                 BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_E=block_e, PICK_GROUPS=group_picks > 0)
         ctx.save_for_backward(scores, group_lp, expert_group)
         ctx.dtypes = group_logits.dtype, expert_logits.dtype
@@ -213,7 +214,8 @@ def dispatch_indices(expert_ids: torch.Tensor, num_experts: int, block: int = 12
     partial = torch.zeros(num_experts, chunks, dtype=torch.int32, device=device)
     grid = (num_experts, chunks)
     if chunks and num_experts:
-        _count_kernel[grid](flat, partial, pairs, chunks, CHUNK=DISPATCH_CHUNK, BLOCK=DISPATCH_BLOCK)
+        _count_kernel[grid](ids_ptr=flat, partial_ptr=partial, pairs=pairs, chunks=chunks,
+                            CHUNK=DISPATCH_CHUNK, BLOCK=DISPATCH_BLOCK)
     counts = partial.sum(1, dtype=torch.int32)
     padded = (counts + block - 1) // block * block
     segment_offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0, dtype=torch.int32)])
@@ -222,8 +224,10 @@ def dispatch_indices(expert_ids: torch.Tensor, num_experts: int, block: int = 12
     slot_row = torch.full((n, num_slots), -1, dtype=torch.int32, device=device)
     tile_expert = torch.full((rows // block,), -1, dtype=torch.int32, device=device)
     if chunks and num_experts:
-        _rank_kernel[grid](flat, chunk_base.contiguous(), segment_offsets, row_token, slot_row, tile_expert,
-                           pairs, chunks, num_slots, block, CHUNK=DISPATCH_CHUNK, BLOCK=DISPATCH_BLOCK)
+        _rank_kernel[grid](ids_ptr=flat, base_ptr=chunk_base.contiguous(), segment_ptr=segment_offsets,
+                           row_token_ptr=row_token, slot_row_ptr=slot_row, tile_expert_ptr=tile_expert,
+                           pairs=pairs, chunks=chunks, num_slots=num_slots, block=block,
+                           CHUNK=DISPATCH_CHUNK, BLOCK=DISPATCH_BLOCK)
     return Dispatch(row_token, slot_row, segment_offsets, tile_expert, counts)
 
 
@@ -256,9 +260,9 @@ def gather_rows(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
     rows, d = row_token.shape[0], x.shape[1]
     out = x.new_empty(rows, d)
     if rows:
-        _gather_rows_kernel[(triton.cdiv(rows, GATHER_BLOCK),)](x, row_token.contiguous(), out, rows, d,
-                                                             x.stride(0), out.stride(0),
-                                                             BLOCK_R=GATHER_BLOCK, BLOCK_D=_column_block(d))
+        _gather_rows_kernel[(triton.cdiv(rows, GATHER_BLOCK),)](
+            x_ptr=x, row_token_ptr=row_token.contiguous(), out_ptr=out, R=rows, D=d, s_x=x.stride(0),
+            s_out=out.stride(0), BLOCK_R=GATHER_BLOCK, BLOCK_D=_column_block(d))
     return out
 
 
@@ -287,9 +291,10 @@ def combine_rows(y_sorted: torch.Tensor, slot_row: torch.Tensor, weights: torch.
     (n, num_slots), d = slot_row.shape, y_sorted.shape[1]
     out = y_sorted.new_empty(n, d)
     if n:
-        _combine_rows_kernel[(triton.cdiv(n, GATHER_BLOCK),)](y_sorted, slot_row.contiguous(), weights.contiguous(), out,
-                                                           n, d, num_slots, y_sorted.stride(0), out.stride(0),
-                                                           BLOCK_N=GATHER_BLOCK, BLOCK_D=_column_block(d))
+        _combine_rows_kernel[(triton.cdiv(n, GATHER_BLOCK),)](
+            y_ptr=y_sorted, slot_row_ptr=slot_row.contiguous(), weights_ptr=weights.contiguous(), out_ptr=out,
+            N=n, D=d, K=num_slots, s_y=y_sorted.stride(0), s_out=out.stride(0),
+            BLOCK_N=GATHER_BLOCK, BLOCK_D=_column_block(d))
     return out
 
 
@@ -328,7 +333,8 @@ def combine_rows_backward(dy: torch.Tensor, y_sorted: torch.Tensor, slot_row: to
     dweights = torch.zeros(n, num_slots, dtype=torch.float32, device=dy.device)
     if n:
         _combine_rows_backward_kernel[(triton.cdiv(n, GATHER_BLOCK),)](
-            dy, y_sorted, slot_row.contiguous(), weights.contiguous(), dy_sorted, dweights,
-            n, d, num_slots, dy.stride(0), y_sorted.stride(0),
-            BLOCK_N=GATHER_BLOCK, BLOCK_D=_column_block(d), BLOCK_K=triton.next_power_of_2(num_slots))
+            dy_ptr=dy, y_ptr=y_sorted, slot_row_ptr=slot_row.contiguous(), weights_ptr=weights.contiguous(),
+            dy_sorted_ptr=dy_sorted, dweights_ptr=dweights, N=n, D=d, K=num_slots, s_dy=dy.stride(0),
+            s_y=y_sorted.stride(0), BLOCK_N=GATHER_BLOCK, BLOCK_D=_column_block(d),
+            BLOCK_K=triton.next_power_of_2(num_slots))
     return dy_sorted, dweights

@@ -89,3 +89,15 @@ def test_gradcheck_of_the_compiled_layer():
     assert torch.autograd.gradcheck(compiled, inputs)
     assert any(node.target == torch.ops.tinyonn.moe_experts_backward.default
                for graph in tinyonn_compile.compiled_graphs["backward"] for node in graph.graph.nodes)
+
+
+def test_compiled_graphs_keep_only_the_latest(monkeypatch):
+    """`compiled_graphs` is bounded: after more compiles than `KEPT_GRAPHS`, the newest graphs remain."""
+    monkeypatch.setattr(tinyonn_compile, "compile_fx_inner", lambda gm, example_inputs, **kwargs: gm)
+    for graphs in tinyonn_compile.compiled_graphs.values():
+        graphs.clear()
+    made = [fx.GraphModule(torch.nn.Module(), fx.Graph()) for _ in range(tinyonn_compile.KEPT_GRAPHS + 5)]
+    for gm in made:
+        tinyonn_compile._inner_compile(gm, [], is_backward=True)
+    assert list(tinyonn_compile.compiled_graphs["backward"]) == made[-tinyonn_compile.KEPT_GRAPHS:]
+    assert not tinyonn_compile.compiled_graphs["forward"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 TRITON_KERNELS = {"_units_kernel", "_rows_kernel", "_weights_kernel", "_gather_rows_kernel",
                   "_combine_rows_kernel", "_combine_rows_backward_kernel", "_rank_kernel"}

@@ -508,6 +508,21 @@ def test_per_sample_loss_ignores_position_zero_and_gives_nan_without_labels():
     assert response_token_counts(labels).tolist() == [0, 1]
 
 
+def test_per_sample_loss_head_and_dense_forms_agree():
+    """The LM head applied inside (only at scored positions), and the dense form under vmap, give
+    the same losses as plain logits (NaN for a sample without labels)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 6, 8, generator=g)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.tensor([[-100, 3, 4, -100, 5, 1], [-100] * 6, [-100, -100, 7, 7, 7, -100]])
+    expected = per_sample_loss(head(hidden), labels)
+    assert math.isnan(expected[1].item())
+    torch.testing.assert_close(per_sample_loss(hidden, labels, head=head), expected, equal_nan=True)
+    torch.testing.assert_close(per_sample_loss(head(hidden), labels, dense=True), expected, equal_nan=True)
+    one = lambda logits, labs: per_sample_loss(logits[None], labs[None], dense=True)[0]  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(one)(head(hidden), labels), expected, equal_nan=True)
+
+
 def test_end_to_end_batch_loss(tokenizers, examples):
     tok = tokenizers["chat"]
     samples, report = encode_examples(tok, list(examples.values()), DataConfig())

@@ -10,6 +10,8 @@ from tinyonn import DataConfig, Example, collate, encode_examples, load_teacher
 from tinyonn.config import ProbeConfig
 from tinyonn.probing.run import probe_batch
 from tinyonn.probing.reference import activation_stats, per_sample_grad_norms
+from tinyonn.probing.unit_stats import (choose_method, direct_flops, gram_flops, head_direct_flops,
+                                        head_gram_flops)
 
 PROMPTS = [
     ("What does the word harbour mean?", "A sheltered port where ships can stay."),
@@ -51,6 +53,13 @@ def test_fast_gradient_norms_equal_vmap_grad(tiny_fp32, padding_side, method):
     assert _relative_error(fast.grad, units) < 1e-4
     assert _relative_error(fast.head_grad, heads) < 1e-4
     assert float(units.min()) > 0
+
+
+def test_auto_method_picks_the_cheaper_route_for_units_and_heads():
+    assert choose_method("direct", gram_cost=1, direct_cost=10**9) == "direct"  # an explicit method stays
+    for t, want in ((8, "gram"), (4096, "direct")):  # the Grams grow with T², the direct route with T
+        assert choose_method("auto", gram_flops(t, 1024, 3072), direct_flops(t, 1024, 3072)) == want
+        assert choose_method("auto", head_gram_flops(t, 1024, 2048), head_direct_flops(t, 1024, 2048)) == want
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -10,7 +10,7 @@ from tinyonn.config import ProbeConfig
 from tinyonn.probing.run import probe_batch
 from tinyonn.probing.reference import per_sample_grad_norms
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("compile", [False, True])

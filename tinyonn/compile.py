@@ -11,14 +11,15 @@ expert computation of `tinyonn.model.moe_layer.moe_forward`,
 and replaces it with one call of `tinyonn::moe_experts` (`tinyonn.kernels.moe`), whose registered
 autograd puts `tinyonn::moe_experts_backward` in the backward. Inductor's `compile_fx` then runs
 aot_autograd, which splits the forward and backward graphs, and compiles everything around the
-kernels. The aot graphs of the latest compile are kept in `compiled_graphs` for inspection. Without
-CUDA the same ops run their PyTorch references (the log says so).
+kernels. The latest aot graphs (at most `KEPT_GRAPHS` of each kind) are kept in `compiled_graphs`
+for inspection. Without CUDA the same ops run their PyTorch references (the log says so).
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,12 @@ from tinyonn.kernels import moe as moe_kernels
 
 log = logging.getLogger(__name__)
 
-compiled_graphs: dict[str, list[fx.GraphModule]] = {"forward": [], "backward": []}
-"""The aot_autograd graphs handed to Inductor, by kind, from every `tinyonn` compile so far."""
+KEPT_GRAPHS = 64
+"""How many of the latest graphs of each kind `compiled_graphs` keeps (older ones are dropped)."""
+
+compiled_graphs: dict[str, deque[fx.GraphModule]] = {kind: deque(maxlen=KEPT_GRAPHS)
+                                                     for kind in ("forward", "backward")}
+"""The latest aot_autograd graphs handed to Inductor by `tinyonn` compiles, by kind, oldest first."""
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _SILU = {F.silu, torch._C._nn.silu}

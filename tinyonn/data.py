@@ -12,7 +12,7 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +85,15 @@ def _string_field(record: dict, key: str, origin: str, line: int | None, *, name
     return value
 
 
+def _required_strings(record: dict, present: set[str], keys: tuple[str, ...], origin: str,
+                      line: int | None) -> list[str]:
+    """The string fields `keys` of a row shaped by them; `DataFormatError` naming the first missing one."""
+    missing = [key for key in keys if key not in present]
+    if missing:
+        raise DataFormatError(origin, line, f"missing field '{missing[0]}'; {_ACCEPTED_SHAPES}")
+    return [_string_field(record, key, origin, line) for key in keys]
+
+
 def _parse_messages(value: Any, origin: str, line: int | None) -> tuple[dict[str, str], ...]:
     if not isinstance(value, (list, tuple)):
         raise DataFormatError(origin, line, f"field 'messages' must be an array, found {_json_type(value)}")
@@ -122,18 +131,10 @@ def parse_record(record: Any, origin: str, line: int | None) -> Example:
     if "messages" in present:
         messages = _parse_messages(record["messages"], origin, line)
     elif "prompt" in present or "response" in present:
-        missing = [key for key in ("prompt", "response") if key not in present]
-        if missing:
-            raise DataFormatError(origin, line, f"missing field '{missing[0]}'; {_ACCEPTED_SHAPES}")
-        prompt = _string_field(record, "prompt", origin, line)
-        response = _string_field(record, "response", origin, line)
+        prompt, response = _required_strings(record, present, ("prompt", "response"), origin, line)
         messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": response})
     elif "instruction" in present or "output" in present:
-        missing = [key for key in ("instruction", "output") if key not in present]
-        if missing:
-            raise DataFormatError(origin, line, f"missing field '{missing[0]}'; {_ACCEPTED_SHAPES}")
-        instruction = _string_field(record, "instruction", origin, line)
-        output = _string_field(record, "output", origin, line)
+        instruction, output = _required_strings(record, present, ("instruction", "output"), origin, line)
         extra = _string_field(record, "input", origin, line) if "input" in present else ""
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": output})
@@ -488,18 +489,33 @@ def response_token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor,
+                    head: Callable[[torch.Tensor], torch.Tensor] | None = None, *, dense: bool = False) -> torch.Tensor:
     """[B] float32 mean next-token NLL over each sample's label tokens (logits at t predict labels at t+1).
 
-    Only the scored positions are upcast to float32. A sample with no label token gets NaN.
+    `logits` [B, T, V]; or, given `head` (the LM head), the last hidden states [B, T, d], and the head
+    runs only at the scored positions (it is a large share of a small model's FLOPs). Only the scored
+    positions are upcast to float32. A sample with no label token gets NaN.
+
+    `dense=True` takes every position (the unlabelled ones add 0) instead of selecting the labelled
+    ones: no data-dependent shapes, so `torch.func.vmap` can map it over samples (as the probe's
+    `vmap(grad)` reference does), at the price of float32 logits for every position.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
             f"expected logits [B,T,V] and labels [B,T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
+    batch, length = labels.shape
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
-    rows = mask.nonzero(as_tuple=True)[0]
-    nll = F.cross_entropy(logits[:, :-1][mask].float(), shift_labels[mask], reduction="none")
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, nll)
+    if dense:
+        rows = torch.arange(batch, device=labels.device).repeat_interleave(length - 1)
+        cols = torch.arange(length - 1, device=labels.device).repeat(batch)
+    else:
+        rows, cols = mask.nonzero(as_tuple=True)
+    scored = logits[rows, cols]
+    if head is not None:
+        scored = head(scored)
+    nll = F.cross_entropy(scored.float(), shift_labels[rows, cols], ignore_index=IGNORE_INDEX, reduction="none")
+    sums = torch.zeros(batch, dtype=torch.float32, device=logits.device).index_add(0, rows, nll)
     return sums / mask.sum(dim=1).to(torch.float32)

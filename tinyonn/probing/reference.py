@@ -25,15 +25,6 @@ def float_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> to
     return torch.where(allowed, zero, low)[:, None]
 
 
-def dense_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over the label tokens of one sample, with no data-dependent shapes (vmap-safe)."""
-    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-    targets = labels[1:]
-    mask = (targets != -100).float()
-    picked = logprobs.gather(-1, targets.clamp_min(0)[:, None])[:, 0]
-    return -(picked * mask).sum() / mask.sum()
-
-
 def _parameter_names(model, heads: bool) -> tuple[list[tuple[str, str, str]], list[str]]:
     names = {id(p): n for n, p in model.named_parameters()}
     units = [(names[id(f.gate_proj.weight)], names[id(f.up_proj.weight)], names[id(f.down_proj.weight)])
@@ -54,7 +45,7 @@ def per_sample_grad_norms(model, batch: Batch, heads: bool = True) -> tuple[torc
     def sample_loss(p, input_ids, mask_4d, labels):
         out = functional_call(model, p, args=(), kwargs={"input_ids": input_ids[None], "attention_mask": mask_4d[None],
                                                          "use_cache": False})
-        return dense_sample_loss(out.logits[0], labels)
+        return per_sample_loss(out.logits, labels[None], dense=True)[0]
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))(
         params, batch.input_ids.to(device), mask, batch.labels.to(device))

@@ -27,9 +27,10 @@ from torch.func import vmap
 
 from tinyonn.probing import decoder
 from tinyonn.config import ProbeConfig
-from tinyonn.data import Batch, EncodedSample, collate, encode_examples
+from tinyonn.data import Batch, EncodedSample, collate, encode_examples, per_sample_loss
 from tinyonn.teacher import FFNLayer, decoder_layers, dequantize, ffn_layout
-from tinyonn.probing.unit_stats import choose_method, head_stats, layer_unit_stats
+from tinyonn.probing.unit_stats import (choose_method, direct_flops, gram_flops, head_direct_flops, head_gram_flops,
+                                        head_stats, layer_unit_stats)
 
 
 @dataclass
@@ -89,8 +90,8 @@ class _LayerCapture:
         s[name] = grad
         response, valid = self.masks
         if all(k in s for k in ("delta", "dh", "a", "b")):  # the layer's gradients are all in
-            t, d = s["x"].shape[1], s["x"].shape[2]
-            method = choose_method(cfg.grad_method, t, d, s["h"].shape[2])
+            t, d, i = s["x"].shape[1], s["x"].shape[2], s["h"].shape[2]
+            method = choose_method(cfg.grad_method, gram_flops(t, d, i), direct_flops(t, d, i))
             act, freq, taylor, grad_norm = vmap(layer_unit_stats, in_dims=(0, 0, 0, 0, 0, 0, 0, 0, None, None))(
                 s["x"], s["h"], s["dh"], s["delta"], s["a"], s["b"], response, valid, cfg.freq_threshold, method)
             self.result.update(act=act, freq=freq, taylor=taylor, grad=grad_norm)
@@ -98,8 +99,7 @@ class _LayerCapture:
                 s.pop(key, None)
         if name == "delta_o":
             t, d, width = s["z"].shape[1], s["delta_o"].shape[2], s["z"].shape[2]
-            method = cfg.grad_method if cfg.grad_method != "auto" else (
-                "gram" if t * t * (d + width) < t * d * width else "direct")
+            method = choose_method(cfg.grad_method, head_gram_flops(t, d, width), head_direct_flops(t, d, width))
             out, grad_norm = vmap(head_stats, in_dims=(0, 0, 0, None, None))(
                 s["z"], s["delta_o"], response, self.num_heads, method)
             self.result.update(head_out=out, head_grad=grad_norm)
@@ -113,18 +113,13 @@ class _LayerCapture:
 
 def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   labels: torch.Tensor, compile: bool = False) -> torch.Tensor:
-    """Per-sample mean NLL over the response tokens, with the LM head applied only where a
-    response token is predicted (the head is a large share of a small model's FLOPs)."""
+    """Per-sample mean NLL over the response tokens (`per_sample_loss`) from the decoder's hidden
+    states, with the LM head applied only where a response token is predicted."""
     if decoder.supports(model):
         hidden = decoder.decoder_hidden_states(model, input_ids, attention_mask, compile=compile)
     else:
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-    targets = labels[:, 1:]
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
-    nll = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
-    total = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll)
-    return total / torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
+    return per_sample_loss(hidden, labels, head=model.get_output_embeddings())
 
 
 def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLayer] | None = None) -> BatchStats:

@@ -7,7 +7,7 @@ h = silu(g) * u [T, I], and the loss gradients δ = ∂l/∂y [T, d], a = ∂l/�
 
 so two T×T Gram matrices give every unit's exact per-sample gradient norm without forming a
 weight gradient (`gram`), or the per-sample gradient is formed and its columns summed (`direct`);
-`choose_method` picks the cheaper for the shape. Every function here works on a single sample;
+`choose_method` picks the cheaper for the shape (units and heads alike). Every function here works on a single sample;
 `torch.func.vmap` maps them over a batch.
 """
 
@@ -17,19 +17,32 @@ import torch
 
 
 def gram_flops(t: int, d: int, i: int) -> int:
-    """FLOPs of the Gram route for one sample and layer: two T×T Grams, three T×T×I products."""
+    """FLOPs of the units' Gram route for one sample and layer: two T×T Grams, three T×T×I products."""
     return 2 * t * t * d * 2 + 3 * 2 * t * t * i
 
 
 def direct_flops(t: int, d: int, i: int) -> int:
-    """FLOPs of materialising the three per-sample weight gradients (d×I each)."""
+    """FLOPs of materialising the units' three per-sample weight gradients (d×I each)."""
     return 3 * 2 * t * d * i
 
 
-def choose_method(method: str, t: int, d: int, i: int) -> str:
+def head_gram_flops(t: int, d: int, width: int) -> int:
+    """FLOPs of the heads' Gram route for one sample and layer (o_proj: width = H·hd inputs, d outputs):
+    the T×T Gram of ∂l/∂o and the per-head T×T Grams of z."""
+    return 2 * t * t * (d + width)
+
+
+def head_direct_flops(t: int, d: int, width: int) -> int:
+    """FLOPs of materialising o_proj's per-sample weight gradient (d × width)."""
+    return 2 * t * d * width
+
+
+def choose_method(method: str, gram_cost: int, direct_cost: int) -> str:
+    """`method` ("gram" or "direct"), or for "auto" the one with the smaller FLOP count
+    (`gram_flops`/`direct_flops` for units, `head_gram_flops`/`head_direct_flops` for heads)."""
     if method != "auto":
         return method
-    return "gram" if gram_flops(t, d, i) < direct_flops(t, d, i) else "direct"
+    return "gram" if gram_cost < direct_cost else "direct"
 
 
 def _weighted_gram_norms(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -75,13 +75,15 @@ class ChunkStats:
     freq: np.ndarray
     """[n, U] fraction of response tokens where the unit fires."""
     grad: np.ndarray
-    """[n, U] squared norm of dl_i/d(unit parameters)."""
+    """[n, U] exact per-sample gradient norm of unit j's parameters, one L2 norm over all three parts
+    (not squared): sqrt(‖dl_i/dW_gate[j, :]‖² + ‖dl_i/dW_up[j, :]‖² + ‖dl_i/dW_down[:, j]‖²)."""
     taylor: np.ndarray
     """[n, U] |sum_t h * dl/dh|."""
     head_out: np.ndarray
-    """[n, H] (H may be 0)."""
+    """[n, H] mean L2 norm of the head's output (its slice of o_proj's input) over the response tokens
+    (H may be 0)."""
     head_grad: np.ndarray
-    """[n, H]."""
+    """[n, H] exact per-sample gradient norm (L2, not squared) of the head's o_proj columns, ‖dl_i/dW_o[:, head]‖."""
     loss: np.ndarray
     """[n] mean response NLL."""
     n_tokens: np.ndarray
