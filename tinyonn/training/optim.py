@@ -1,0 +1,120 @@
+"""AdamW with per-row masks and step counts, and the warm-up + cosine learning-rate schedule.
+
+`MaskedAdamW.step(row_masks)` updates, for a parameter given a row mask, only its kept rows (first
+dimension: a unit of a MoE layer's `w_gate`/`w_up`/`w_down`): the other rows' weights, moments and
+step counts are not touched at all (no momentum decay, no weight decay, no step), so an expert the
+update rule skips resumes later exactly where it stopped. Every parameter keeps a step count per
+row, so bias correction is per row. Without a mask the update is torch's AdamW (decoupled weight
+decay, then the moments, then `p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> None:
+    """One AdamW update in place on `param`, `exp_avg`, `exp_avg_sq`; `step` [rows] holds each row's
+    step count including this step."""
+    shape = (-1,) + (1,) * (param.dim() - 1) if param.dim() else ()
+    steps = step.to(torch.float64)
+    step_size = (lr / (1 - beta1 ** steps)).to(param.dtype).reshape(shape)
+    bias_correction2_sqrt = (1 - beta2 ** steps).sqrt().to(param.dtype).reshape(shape)
+    if weight_decay:
+        param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.sub_(step_size * exp_avg / denom)
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW whose `step` can skip rows of chosen parameters entirely (see the module docstring).
+
+    Param groups may carry `lr_scale` (the group's lr is `lr · lr_scale` after `set_learning_rate`).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lr_scale=1.0))
+
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            rows = param.shape[0] if param.dim() else 1
+            state["step"] = torch.zeros(rows, dtype=torch.int64, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, row_masks: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:  # type: ignore[override]
+        """Update every parameter that has a gradient; a parameter in `row_masks` ([rows] bool,
+        True = update) changes only in its kept rows."""
+        row_masks = row_masks or {}
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            settings = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"])
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self._state(param)
+                mask = row_masks.get(param)
+                if mask is None:
+                    state["step"] += 1
+                    _adamw_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **settings)
+                    continue
+                rows = mask.to(param.device, torch.bool).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                parts = [t.index_select(0, rows) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+                steps = state["step"].index_select(0, rows) + 1
+                _adamw_update(*parts, steps, **settings)
+                param.index_copy_(0, rows, parts[0])
+                state["exp_avg"].index_copy_(0, rows, parts[2])
+                state["exp_avg_sq"].index_copy_(0, rows, parts[3])
+                state["step"].index_copy_(0, rows, steps)
+
+    def state_tensors(self, names: Mapping[torch.Tensor, str]) -> dict[str, torch.Tensor]:
+        """The optimiser state as `{"<param name>/<key>": tensor}` (for a safetensors file)."""
+        out = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                for key, value in self.state.get(param, {}).items():
+                    out[f"{names[param]}/{key}"] = value
+        return out
+
+    def load_state_tensors(self, names: Mapping[torch.Tensor, str], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` gave (parameters absent from `tensors` keep no state)."""
+        self.state.clear()
+        for group in self.param_groups:
+            for param in group["params"]:
+                keys = [f"{names[param]}/{key}" for key in STATE_KEYS]
+                if all(key in tensors for key in keys):
+                    self.state[param] = {key: tensors[name].to(param.device).clone()
+                                         for key, name in zip(STATE_KEYS, keys)}
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set each group's lr to `lr · lr_scale`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def scheduled_lr(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The learning rate of step `step` (0-based) of `total_steps`: linear warm-up to `lr` over
+    `warmup_steps`, then a cosine down to `lr · min_lr_ratio` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps - 1, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    floor = lr * min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
