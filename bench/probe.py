@@ -3,7 +3,7 @@
 For each shape (Qwen3-0.6B and Qwen3-4B sizes, random weights, batch 8×512), in one run:
   train  — a plain training step: forward + backward with weight gradients (bf16 weights),
            with the model under torch.compile (train_tok_s) and eager (train_eager_tok_s)
-  probe  — `tinyonn.probing.run.probe_batch` (bf16): forward + backward to activations + exact stats,
+  probe  — `tinyonn.probe.run.probe_batch` (bf16): forward + backward to activations + exact stats,
            with the decoder glue compiled (probe_tok_s) and eager (probe_eager_tok_s)
   nf4    — the same probe on bitsandbytes nf4 weights (4B only)
   naive  — `torch.func.vmap(grad(...))` over the MLP and o_proj weights (null when it runs out of memory)
@@ -111,8 +111,8 @@ def release() -> None:
 
 def run_shape(shape: str, iters: int) -> dict:
     from tinyonn.config import ProbeConfig
-    from tinyonn.probing.run import probe_batch
-    from tinyonn.probing.reference import per_sample_grad_norms
+    from tinyonn.probe.run import probe_batch
+    from tinyonn.probe.reference import per_sample_grad_norms
 
     tokens = BATCH * SEQ
     model = make_model(shape)
@@ -170,7 +170,7 @@ def profile_shape(shape: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from tinyonn.config import ProbeConfig
-    from tinyonn.probing.run import probe_batch
+    from tinyonn.probe.run import probe_batch
 
     model = make_model(shape)
     batch = make_batch(model.config.vocab_size)

@@ -1,6 +1,6 @@
 """Wall time of probing the builtin teacher over 2,000 probe samples on this machine's CPU.
 
-Runs the whole `tinyonn.probing.run` (teacher load, encoding, statistics, Zarr store, finalize) with
+Runs the whole `tinyonn.probe.run` (teacher load, encoding, statistics, Zarr store, finalize) with
 the default config (fp32, per-sample arrays and heads on) over 2,000 samples spread evenly over
 the builtin train split, and writes bench/results/probe_cpu.json.
 

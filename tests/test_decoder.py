@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinyonn import load_teacher
-from tinyonn.probing.decoder import decoder_hidden_states
+from tinyonn.probe.decoder import decoder_hidden_states
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -13,7 +13,7 @@ LAYERS = (
     ("tinyonn.errors", "tinyonn.assets", "tinyonn.config"),
     ("tinyonn.teacher", "tinyonn.data"),
     ("tinyonn.store",),
-    ("tinyonn.probe", "tinyonn.probing"),
+    ("tinyonn.probe",),
     ("tinyonn.clustering",),
     ("tinyonn.model", "tinyonn.kernels", "tinyonn.compile"),
     ("tinyonn.evaluation",),

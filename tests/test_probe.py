@@ -8,9 +8,9 @@ import torch
 
 from tinyonn import DataConfig, Example, collate, encode_examples, load_teacher
 from tinyonn.config import ProbeConfig
-from tinyonn.probing.run import probe_batch
-from tinyonn.probing.reference import activation_stats, per_sample_grad_norms
-from tinyonn.probing.unit_stats import (choose_method, direct_flops, gram_flops, head_direct_flops,
+from tinyonn.probe.run import probe_batch
+from tinyonn.probe.reference import activation_stats, per_sample_grad_norms
+from tinyonn.probe.unit_stats import (choose_method, direct_flops, gram_flops, head_direct_flops,
                                         head_gram_flops)
 
 PROMPTS = [

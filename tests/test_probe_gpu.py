@@ -7,8 +7,8 @@ import torch
 
 from tinyonn import load_teacher
 from tinyonn.config import ProbeConfig
-from tinyonn.probing.run import probe_batch
-from tinyonn.probing.reference import per_sample_grad_norms
+from tinyonn.probe.run import probe_batch
+from tinyonn.probe.reference import per_sample_grad_norms
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -24,7 +24,7 @@ from tinyonn.model.assemble import assemble
 from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM  # registers "tinyonn" with the Auto classes
 from tinyonn.model.routing import RoutingConfig
 from tinyonn.pipeline import EvalConfig, RunConfig, run_pipeline
-from tinyonn.probing import probe
+from tinyonn.probe import probe
 from tinyonn.store import ScoreConfig, ScoreStore, score_store
 from tinyonn.teacher import FFNLayer, dequantize, ffn_layout, load_teacher
 

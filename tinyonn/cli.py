@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
 def cmd_probe(args) -> int:
     """Probe a teacher into a Zarr score store (resumes an interrupted run)."""
     from tinyonn.config import DataConfig, ProbeConfig
-    from tinyonn.probing import probe
+    from tinyonn.probe import probe
 
     config = ProbeConfig(
         data=DataConfig(max_length=args.max_length, batch_size=args.batch_size),

@@ -27,7 +27,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """How the probe measures the teacher's units (see `tinyonn.probing.run`)."""
+    """How the probe measures the teacher's units (see `tinyonn.probe.run`)."""
 
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512, batch_size=8))
     chunk_samples: int = 256

@@ -262,7 +262,7 @@ def _examples(config: RunConfig) -> tuple[list, list]:
 
 def probe_stage(config: RunConfig, log=print) -> Path:
     """Probe the teacher on `probe_samples` examples spread over the data → `scores.zarr`."""
-    from tinyonn.probing import probe
+    from tinyonn.probe import probe
 
     replacing = read_record(config.run_dir, "probe") is not None
 

@@ -6,6 +6,6 @@
 - `reference`: `torch.func.vmap(grad)` over the whole model, the exact reference tests compare with.
 """
 
-from tinyonn.probing.run import probe
+from tinyonn.probe.run import probe
 
 __all__ = ["probe"]

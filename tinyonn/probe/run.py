@@ -3,7 +3,7 @@
 One forward pass and one backward pass *to the activations* per batch (the weights stay frozen, so
 nf4/int8 teachers work): forward hooks keep each layer's x, g, u, h (and o_proj's input z); tensor
 hooks receive ∂l/∂y, ∂l/∂h, ∂l/∂g, ∂l/∂u layer by layer during the backward and turn them at once
-into per-sample statistics with the vmapped pure functions of `tinyonn.probing.unit_stats`, so only one
+into per-sample statistics with the vmapped pure functions of `tinyonn.probe.unit_stats`, so only one
 layer's gradients are alive at a time. The per-sample loss l_i is the mean NLL over sample i's
 response tokens; the batch loss is Σ_i l_i, whose gradient on sample i's activations is ∂l_i.
 
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from tinyonn.probing import decoder
+from tinyonn.probe import decoder
 from tinyonn.config import ProbeConfig
 from tinyonn.data import Batch, EncodedSample, collate, encode_examples, per_sample_loss
 from tinyonn.teacher import FFNLayer, decoder_layers, dequantize, ffn_layout
-from tinyonn.probing.unit_stats import (choose_method, direct_flops, gram_flops, head_direct_flops, head_gram_flops,
+from tinyonn.probe.unit_stats import (choose_method, direct_flops, gram_flops, head_direct_flops, head_gram_flops,
                                         head_stats, layer_unit_stats)
 
 
