@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from tinyonn import load_probe_set, load_teacher
 from tinyonn.clustering.plan import full_plan
 from tinyonn.config import DataConfig
-from tinyonn.data import EncodedSample, per_sample_loss, response_token_counts
+from tinyonn.data import EncodedSample, collate, per_sample_loss, response_token_counts
 from tinyonn.model.assemble import assemble
 from tinyonn.model.moe_layer import MoELayer
 from tinyonn.model.routing import RoutingConfig
 from tinyonn.training import TIMING_FIELDS, Phase1Config, Phase2Config, TrainConfig, train
-from tinyonn.training.batches import plan_steps
+from tinyonn.training.batches import pad_to_multiple, plan_steps
 from tinyonn.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from tinyonn.training.losses import (cross_entropy_sum, kd_positions, kl_to_teacher_sum, router_distillation_loss,
                                      router_z_loss, switch_balance_loss)
@@ -258,7 +258,7 @@ def test_config_validates_and_round_trips():
                          data=DataConfig(max_length=32, batch_size=2))
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     for bad in (dict(rule="pilf"), dict(kd_tokens="prompt"), dict(grad_accum=0), dict(max_steps=0),
-                dict(pi_gamma=2.0), dict(betas=(0.9, 1.0)), dict(ce_weight=0, kd_weight=0)):
+                dict(pi_gamma=2.0), dict(betas=(0.9, 1.0)), dict(ce_weight=0, kd_weight=0), dict(pad_to_multiple=0)):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
     for bad in (dict(switch="loss"), dict(min_k_fraction=0), dict(switch="converged", router_distill_weight=0)):
@@ -282,6 +282,11 @@ def test_data_plan_is_deterministic_with_epochs_and_budgets():
     assert sum(s.tokens for s in by_tokens[:-1]) < 40 <= sum(s.tokens for s in by_tokens)
     one_epoch = plan_steps(samples, 4, 1, seed=0, max_steps=None, max_tokens=None)
     assert [len(s.micro_batches[0]) for s in one_epoch] == [4, 4, 2]
+    batch = collate(samples[:3], 0)
+    padded = pad_to_multiple(batch, 4, 0)
+    assert batch.input_ids.shape == (3, 5) and padded.input_ids.shape == (3, 8)
+    assert torch.equal(padded.labels[:, :5], batch.labels) and (padded.labels[:, 5:] == -100).all()
+    assert padded.attention_mask.sum() == batch.attention_mask.sum() and pad_to_multiple(padded, 4, 0) is padded
 
 
 def test_phase_switch_rules():

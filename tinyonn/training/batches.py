@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch.nn.functional as F
 
-from tinyonn.data import EncodedSample, IGNORE_INDEX
+from tinyonn.data import IGNORE_INDEX, Batch, EncodedSample
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,15 @@ def plan_steps(samples: Sequence[EncodedSample], batch_size: int, grad_accum: in
             response_tokens=sum(scored[i] for i in chosen), pairs=sum(lengths[i] - 1 for i in chosen)))
         tokens_seen += tokens
     return steps
+
+
+def pad_to_multiple(batch: Batch, multiple: int, pad_token_id: int) -> Batch:
+    """A right-padded batch padded further to a length that is a multiple of `multiple` (attention
+    0, label −100: no loss term changes)."""
+    extra = -batch.input_ids.shape[1] % multiple
+    if not extra:
+        return batch
+    return Batch(input_ids=F.pad(batch.input_ids, (0, extra), value=pad_token_id),
+                 attention_mask=F.pad(batch.attention_mask, (0, extra), value=0),
+                 labels=F.pad(batch.labels, (0, extra), value=IGNORE_INDEX),
+                 sample_index=batch.sample_index, categories=batch.categories)

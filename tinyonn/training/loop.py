@@ -36,7 +36,7 @@ from tinyonn.config import DataConfig
 from tinyonn.data import Example, collate, encode_examples
 from tinyonn.model.moe_layer import expert_mass
 from tinyonn.model.routing import RoutingConfig, topk_mask
-from tinyonn.training.batches import PlannedStep, plan_steps
+from tinyonn.training.batches import PlannedStep, pad_to_multiple, plan_steps
 from tinyonn.training.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, \
     truncate_log, write_text_atomic
 from tinyonn.training.config import TrainConfig, experts_for
@@ -254,7 +254,8 @@ class Trainer:
         """Forward and backward of one micro-batch; adds its loss parts and routing counts to `sums`
         and `layer_stats`."""
         config = self.config
-        batch = collate([self.samples[i] for i in indices], self.pad_id, "right").to(self.device)
+        batch = collate([self.samples[i] for i in indices], self.pad_id, "right")
+        batch = pad_to_multiple(batch, config.pad_to_multiple, self.pad_id).to(self.device)
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         kd_count = planned.response_tokens if config.kd_tokens == "response" else planned.pairs
         self.layer_inputs.clear()
