@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def test_compiled_bf16_training_follows_eager(tiny_teacher_dir, tiny_tokenizer, tmp_path):
