@@ -16,14 +16,14 @@ from pathlib import Path
 from tinyonn.clustering.config import METHODS
 from tinyonn.errors import TinyONNError
 
-PLANNED_STAGES = ("train", "explain", "release")
+PLANNED_STAGES = ("explain", "release")
 """Stages of DESIGN.md's pipeline not built yet (listed by `tinyonn run`)."""
 
 
 def run_config(args) -> RunConfig:  # noqa: F821 (imported lazily: the CLI starts fast)
     """A `RunConfig` from `--config FILE` (if given) with the command's own options on top."""
     from tinyonn.clustering import ClusterConfig
-    from tinyonn.pipeline import RunConfig
+    from tinyonn.pipeline import RunConfig, small_train_config
 
     runs = Path(args.runs or "stores/runs") / (args.run or "default")
     if getattr(args, "config", None):
@@ -42,6 +42,14 @@ def run_config(args) -> RunConfig:  # noqa: F821 (imported lazily: the CLI start
                if getattr(args, name, None) is not None}
     if cluster:
         changes["cluster"] = dataclasses.replace(base.cluster or ClusterConfig(), **cluster)
+    if getattr(args, "no_train", False):
+        changes["train"] = None
+    else:
+        training = {name: getattr(args, name) for name in ("rule",) if getattr(args, name, None) is not None}
+        if getattr(args, "train_tokens", None) is not None:
+            training["max_tokens"] = args.train_tokens
+        if training:
+            changes["train"] = dataclasses.replace(base.train or small_train_config(), **training)
     return dataclasses.replace(base, **changes)
 
 
@@ -59,8 +67,9 @@ def cmd_run(args) -> int:
         print(f"teacher answers {report['prompt']!r}: {report['teacher_answer']!r}")
         print(f"TinyONN answers {report['prompt']!r}: {report['model_answer']!r}")
         print(f"held-out perplexity: teacher {report['teacher_ppl']['all']:.2f}; TinyONN at "
-              f"{report['active_fraction']:.0%} of FFN units per token ({report['routing']} routing) "
-              f"{report['model_ppl']['all']:.2f}  [{report['examples']} validation samples]")
+              f"{report['active_fraction']:.0%} of FFN units per token ({report['routing']}) "
+              f"{report['model_ppl']['all']:.2f}  [{report['examples']} validation samples; measured "
+              f"{report['measured_active_fraction']:.1%} of FFN units active per token]")
     ran = [stage for stage, what in result["stages"].items() if what == "ran"]
     print("stages: " + ", ".join(f"{stage} {what}" for stage, what in result["stages"].items())
           + ("" if ran else "  (nothing to redo)"))
@@ -87,7 +96,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    """Run one pipeline stage (`cluster`, `assemble` or `evaluate`) on a run folder."""
+    """Run one pipeline stage (`cluster`, `assemble`, `train` or `evaluate`) on a run folder."""
     from tinyonn.pipeline import STAGE_FUNCTIONS
 
     config = run_config(args)
@@ -129,6 +138,13 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from tinyonn.training.config import RULES
+
+    parser.add_argument("--rule", default=None, choices=RULES, help="expert update rule (default smk)")
+    parser.add_argument("--train-tokens", type=int, default=None, help="training token budget (default 150,000)")
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--active-fraction", type=float, default=None,
                         help="FFN units active per token, shared + routed (default 0.5)")
@@ -148,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", default=None, help="a chat prompt both models answer in the report")
     _cluster_options(run)
     _model_options(run)
+    _train_options(run)
+    run.add_argument("--no-train", action="store_true", help="save and evaluate the training-free model")
     run.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("probe", help="measure every FFN unit into a Zarr score store")
@@ -180,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     _teacher_options(asm)
     _model_options(asm)
     asm.set_defaults(func=cmd_stage)
+
+    tr = sub.add_parser("train", help="train the run's assembled model (SMK by default) with KD from the teacher")
+    _run_folder_options(tr)
+    _teacher_options(tr)
+    _train_options(tr)
+    tr.set_defaults(func=cmd_stage)
 
     ev = sub.add_parser("evaluate", help="held-out perplexity of the run's model beside the teacher's")
     _run_folder_options(ev)

@@ -1,6 +1,7 @@
 """The pipeline as an API: one `RunConfig` for a whole run, stage functions over the run folder.
 
-    teacher ─ probe ─→ scores.zarr ─ cluster ─→ plan/ ─ assemble ─→ model/ ─ evaluate ─→ report/
+    teacher ─ probe ─→ scores.zarr ─ cluster ─→ plan/ ─ assemble ─→ model/ ─ train ─→ train/model/
+                                                                       ─ evaluate ─→ report/
 
 `run_pipeline(RunConfig(...))` writes the config to `<runs_dir>/<run>/run_config.json` and calls the
 stages in order. Each stage is a function `stage(config) -> Path` that reads its inputs from the run
@@ -28,9 +29,17 @@ from typing import Literal
 from tinyonn.clustering import ClusterConfig
 from tinyonn.config import DataConfig, ProbeConfig
 from tinyonn.errors import TinyONNError
+from tinyonn.training.config import Phase1Config, Phase2Config, TrainConfig
 
-STAGES = ("probe", "cluster", "assemble", "evaluate")
-"""The stages `run_pipeline` chains, in order."""
+STAGES = ("probe", "cluster", "assemble", "train", "evaluate")
+"""The stages `run_pipeline` chains, in order (train only when `RunConfig.train` is set)."""
+
+
+def small_train_config() -> TrainConfig:
+    """The default training of `tinyonn run`: SMK (phase 1 → phase 2 at the run's unit budget) on a
+    token budget a 2-core CPU trains in minutes; a GPU run raises `max_tokens`."""
+    return TrainConfig(rule="smk", max_tokens=150_000, validation_per_category=0, checkpoint_every=50,
+                       phase1=Phase1Config(steps=60), phase2=Phase2Config(routing="budget"), progress=True)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,9 @@ class RunConfig:
     routing: Literal["oracle", "budget"] = "oracle"
     """How the saved model picks experts within that budget: "oracle" (the experts of largest
     activation mass, computed from the layer's dense activations) or "budget" (its router)."""
+    train: TrainConfig | None = field(default_factory=small_train_config)
+    """How the assembled model is trained (its phase 2 routes within `active_fraction`); None: the
+    saved, evaluated model is the training-free one."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompt: str = 'What does the word "harbour" mean?'
     """A chat prompt the teacher and the model answer in the evaluation report."""
@@ -190,10 +202,26 @@ def _stage_inputs(config: RunConfig, stage: str) -> dict:
     if stage == "assemble":
         return {"cluster": _upstream(run_dir, "cluster"), "teacher": config.teacher, "quant": config.quant,
                 "active_fraction": config.active_fraction, "routing": config.routing}
-    if stage == "evaluate":
+    if stage == "train":
         return {"assemble": _upstream(run_dir, "assemble"), "teacher": config.teacher, "quant": config.quant,
+                "data": config.data, "active_fraction": config.active_fraction,
+                "train": _trained_part(config.train), "holdout_every": config.eval.holdout_every}
+    if stage == "evaluate":
+        upstream = "train" if config.train is not None else "assemble"
+        return {upstream: _upstream(run_dir, upstream), "teacher": config.teacher, "quant": config.quant,
                 "data": config.data, "eval": dataclasses.asdict(config.eval), "prompt": config.prompt}
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def _trained_part(train: TrainConfig | None) -> dict | None:
+    """The training config minus what cannot change the trained weights (progress bar, checkpoint
+    cadence)."""
+    if train is None:
+        return None
+    values = train.to_dict()
+    for name in ("progress", "checkpoint_every", "keep_checkpoints", "device"):
+        values.pop(name, None)
+    return values
 
 
 def stage_is_current(config: RunConfig, stage: str) -> bool:
@@ -324,16 +352,61 @@ def assemble_stage(config: RunConfig, log=print) -> Path:
     return _run_stage(config, "assemble", body, log)
 
 
-def evaluate_stage(config: RunConfig, log=print) -> Path:
-    """Held-out perplexity per category of the saved model (reloaded from `model/`) beside the
-    teacher's, and both answers to the prompt → `report/evaluate.json`."""
+def train_stage(config: RunConfig, log=print, resume: bool = True) -> Path:
+    """Train the assembled model (`model/`) with KD from the teacher, phase 2 routing within
+    `active_fraction` → `train/` (`model/`, `log.jsonl`, `summary.json`, `checkpoints/`). An
+    interrupted run resumes from its last checkpoint when its inputs are the same."""
     from transformers import AutoModelForCausalLM
 
-    from tinyonn.evaluation.metrics import heldout_perplexity, sample_answers
+    from tinyonn.training import train
+
+    if config.train is None:
+        raise TinyONNError("this run's config has no training (RunConfig.train is None)")
+    training = dataclasses.replace(config.train, phase2=dataclasses.replace(
+        config.train.phase2, active_fraction=config.active_fraction))
+    previous = read_record(config.run_dir, "train")
 
     def body(config: RunConfig) -> list[Path]:
         teacher, tokenizer = _teacher(config.teacher, config.quant)
-        model = AutoModelForCausalLM.from_pretrained(config.run_dir / "model").eval()
+        model = AutoModelForCausalLM.from_pretrained(config.run_dir / "model")
+        examples = _training_examples(config)
+        out = config.run_dir / "train"
+        same_inputs = previous is None or previous.fingerprint == fingerprint(_stage_inputs(config, "train"))
+        if not same_inputs:  # another config trained here before: start afresh
+            shutil.rmtree(out, ignore_errors=True)
+        log(f"[train] {training.rule} on up to {training.max_tokens:,} tokens of {len(examples):,} examples")
+        summary = train(model, teacher, tokenizer, examples, training, out, resume=resume and same_inputs)
+        log(f"[train] {summary['tokens']:,} tokens, {summary['steps']} steps, {summary['tok_per_s']:,.0f} tok/s")
+        return [out / "model", out / "summary.json"]
+
+    return _run_stage(config, "train", body, log)
+
+
+def _training_examples(config: RunConfig) -> list:
+    """The examples training reads: the data's train split (never the held-out ones)."""
+    from tinyonn.data import load_probe_set
+
+    if config.data == "builtin" or Path(config.data).is_dir():
+        return load_probe_set(config.data, "train")
+    every = load_probe_set(config.data)
+    last = config.eval.holdout_every - 1
+    return [e for i, e in enumerate(every) if i % config.eval.holdout_every != last]
+
+
+def evaluate_stage(config: RunConfig, log=print) -> Path:
+    """Held-out perplexity per category of the saved model (reloaded from `train/model/`, or from
+    `model/` without training) beside the teacher's, and both answers to the prompt →
+    `report/evaluate.json`."""
+    from transformers import AutoModelForCausalLM
+
+    from tinyonn.evaluation.metrics import heldout_perplexity, sample_answers
+    from tinyonn.evaluation.sparsity import active_unit_fraction
+    from tinyonn.teacher import ffn_layout
+
+    def body(config: RunConfig) -> list[Path]:
+        teacher, tokenizer = _teacher(config.teacher, config.quant)
+        model_dir = config.run_dir / ("train/model" if config.train is not None else "model")
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         _, held_out = _examples(config)
         data = DataConfig(max_length=config.eval.max_length, batch_size=config.eval.batch_size)
         log(f"[evaluate] held-out perplexity on {len(held_out)} examples")
@@ -341,8 +414,12 @@ def evaluate_stage(config: RunConfig, log=print) -> Path:
                                                                    config.eval.batch_size).items()}
         model_ppl = {c: v["ppl"] for c, v in heldout_perplexity(model, tokenizer, held_out, data,
                                                                  config.eval.batch_size).items()}
+        width = ffn_layout(teacher)[0].intermediate_size
+        measured = active_unit_fraction(model, tokenizer, held_out, width, data)
+        routing = f"router, after {config.train.rule.upper()} training" if config.train else f"{config.routing} routing"
         report = {
-            "active_fraction": config.active_fraction, "routing": config.routing,
+            "model_dir": str(model_dir.relative_to(config.run_dir)),
+            "active_fraction": config.active_fraction, "measured_active_fraction": measured, "routing": routing,
             "examples": len(held_out), "teacher_ppl": teacher_ppl, "model_ppl": model_ppl,
             "ppl_ratio_max": max(model_ppl[c] / teacher_ppl[c] for c in teacher_ppl if c != "all"),
             "prompt": config.prompt,
@@ -358,7 +435,8 @@ def evaluate_stage(config: RunConfig, log=print) -> Path:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[..., Path]] = {
-    "probe": probe_stage, "cluster": cluster_stage, "assemble": assemble_stage, "evaluate": evaluate_stage}
+    "probe": probe_stage, "cluster": cluster_stage, "assemble": assemble_stage, "train": train_stage,
+    "evaluate": evaluate_stage}
 
 
 def run_pipeline(config: RunConfig, log=print) -> dict:
@@ -374,7 +452,7 @@ def run_pipeline(config: RunConfig, log=print) -> dict:
     log(f"teacher {config.teacher}: {summary['model_type']}, {summary['num_layers']} layers, "
         f"{summary['ffn_units']:,} FFN units, {summary['parameters']:,} parameters")
     done: dict[str, str] = {}
-    stages = STAGES if config.probe_samples else ()
+    stages = [s for s in STAGES if s != "train" or config.train is not None] if config.probe_samples else []
     for stage in stages:
         if stage_is_current(config, stage):
             done[stage] = "skipped"
