@@ -14,6 +14,12 @@ The gradient of a zero `expert_weight` entry is reported as 0 (the dense referen
 <SwiGLU_e(x), dy>); in `moe_forward` such entries are a 0/1 mask times the router's probability,
 so the parameters' gradients are the same either way. Two host syncs per call read the largest
 expert's unit count and the most experts any token uses (they size the buffers).
+
+The backward kernels also give each expert's squared gradient norm of this call (`expert_sq_norm`);
+the op does not return it. SMK's surprise (`tinyonn.training.surprise`) is the norm of the gradient
+the optimiser applies: summed over micro-batches and, across GPUs, all-reduced. A norm per call
+cannot be combined into that (‖Σ g‖ ≠ Σ ‖g‖), so the surprise is read from the parameters'
+accumulated `.grad` instead, in a few batched kernels over all layers.
 """
 
 from __future__ import annotations
