@@ -36,6 +36,9 @@ class ProbeConfig:
     """A unit fires on a token when |h| exceeds this multiple of the token's RMS of h over the layer."""
     per_sample: bool = True
     """Keep the per-sample [N, U] arrays (float16); False keeps only aggregates (`--aggregates-only`)."""
+    per_sample_codec: Literal["zstd", "none"] = "zstd"
+    """How the per-sample arrays are stored: Blosc/Zstd, or "none" (raw, memory-mappable by
+    `ScoreStore.open(path, mmap=True)`; about 1.3x the disk); both checksummed."""
     heads: bool = True
     """Also measure attention heads (output norm, per-sample gradient norm of o_proj columns)."""
     grad_method: Literal["auto", "gram", "direct"] = "auto"

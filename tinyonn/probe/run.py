@@ -176,7 +176,10 @@ def unit_table(layout: Sequence[FFNLayer]) -> tuple[np.ndarray, np.ndarray, np.n
 def _fingerprint(teacher_id: str, samples: Sequence[EncodedSample], config: ProbeConfig) -> str:
     digest = hashlib.sha256()
     digest.update(teacher_id.encode())
-    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    values = dataclasses.asdict(config)
+    if values["per_sample_codec"] == "zstd":  # the default stays out: older stores keep their fingerprint
+        del values["per_sample_codec"]
+    digest.update(json.dumps(values, sort_keys=True, default=str).encode())
     for sample in samples:
         digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
         digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
@@ -266,7 +269,7 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
         sample_category=np.asarray([category_code[s.category] for s in samples], dtype=np.int16),
         source_index=np.asarray([s.index for s in samples], dtype=np.int64),
         chunk_samples=config.chunk_samples, per_sample=config.per_sample, attrs=attrs,
-        units_down_norm=down_norm, overwrite=overwrite,
+        units_down_norm=down_norm, overwrite=overwrite, per_sample_codec=config.per_sample_codec,
     )
     pending = writer.pending_chunks()
     total_tokens = sum(len(samples[i].input_ids) for k in pending for i in range(*writer.chunk_range(k)))

@@ -14,7 +14,16 @@ Layout (N samples, U units, H heads, C categories, K = ceil(N / chunk_samples) p
     summary/by_category/count [C] int64, summary/score [U] float32    written by finalize
 
 Every array is chunked along samples by `chunk_samples` (one zarr chunk row per probe chunk) and
-along units by `unit_chunk`, compressed with Blosc/Zstd and protected by a crc32c checksum. Each
+along units by `unit_chunk`, compressed with Blosc/Zstd and protected by a crc32c checksum. With
+`per_sample_codec="none"` the per-sample arrays are stored raw instead, unit-major inside each chunk
+(zarr's transpose codec) and still checksummed, so `ScoreStore.open(path, mmap=True)` maps them and
+a unit's column is one contiguous run per chunk.
+
+Every array carries zarr v3 `dimension_names` (sample, unit, head, category, chunk) and the groups
+an analysis reads hold their own coordinates (`per_sample/{sample_category,unit_layer,unit_index,
+head_layer,head_index}`, `summary/{unit_layer,...}`, `summary/by_category/{category,unit_layer,...}`,
+named in each array's `coordinates` attribute), so `xarray.open_zarr(path, group="per_sample")` or
+`xarray.open_datatree(path, engine="zarr")` gives labelled data with no Tiny-ONN code. Each
 probe chunk writes whole zarr chunks only, so a rewritten chunk never depends on what a killed run
 left behind. Progress lives in `progress.json` (replaced atomically after a chunk's arrays are all
 written; finalize moves it into the root attrs and deletes the file); root attrs are written at
@@ -37,9 +46,10 @@ from typing import Any, TextIO
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from tinyonn.errors import TinyONNError
+from tinyonn.store.mapped import MappedArray, MappedReadError, chunk_format, verify_checksums
 
 SCHEMA_VERSION = 1
 UNIT_STATS = ("act", "freq", "grad", "taylor")
@@ -47,8 +57,10 @@ UNIT_STATS = ("act", "freq", "grad", "taylor")
 HEAD_STATS = ("head_out", "head_grad")
 """Per-head statistics, each [n, H]."""
 PROGRESS_FILE = "progress.json"
+PER_SAMPLE_CODECS = ("zstd", "none")
+"""How the per-sample arrays are stored: Blosc/Zstd, or raw unit-major chunks (memory-mappable)."""
 RESERVED_ATTRS = ("schema_version", "n_samples", "n_units", "n_heads", "chunk_samples", "unit_chunk",
-                  "per_sample", "categories", "complete_chunks", "finalized")
+                  "per_sample", "per_sample_codec", "categories", "complete_chunks", "finalized")
 """Root attrs the store owns; caller attrs may not use these names."""
 
 _SUMMARY_READ_BYTES = 256 << 20
@@ -124,13 +136,15 @@ class ScoreStoreWriter:
         unit_chunk: int = 8192,
         units_down_norm: Sequence[float] | np.ndarray | None = None,
         overwrite: bool = False,
+        per_sample_codec: str = "zstd",
     ) -> ScoreStoreWriter:
         """Create the store at `path`, or resume the unfinished one there with the same fingerprint.
 
         `attrs` (JSON) go to the root attrs and must hold a `fingerprint` string identifying the run;
         an existing store with another fingerprint is an error unless `overwrite=True`. A finalized
         store with the same fingerprint is returned as is (every chunk complete). The attrs of the
-        run that created the store are kept on resume.
+        run that created the store are kept on resume. `per_sample_codec`: "zstd" (Blosc/Zstd) or
+        "none" (raw unit-major chunks that `ScoreStore.open(path, mmap=True)` maps), both checksummed.
         """
         path = Path(path)
         _check_attrs(attrs)
@@ -138,7 +152,7 @@ class ScoreStoreWriter:
             units_layer=units_layer, units_index=units_index, heads_layer=heads_layer,
             heads_index=heads_index, categories=categories, sample_category=sample_category,
             source_index=source_index, chunk_samples=chunk_samples, per_sample=per_sample,
-            unit_chunk=unit_chunk, units_down_norm=units_down_norm)
+            unit_chunk=unit_chunk, units_down_norm=units_down_norm, per_sample_codec=per_sample_codec)
         fingerprint = attrs["fingerprint"]
         if path.exists() and not _is_empty_dir(path):
             if overwrite:
@@ -233,7 +247,9 @@ class ScoreStoreWriter:
         if int(counts.sum()) != lay.n_samples:
             raise ScoreStoreError(f"{self.path}: partial counts add up to {int(counts.sum())} samples, "
                                   f"expected {lay.n_samples}; the store is damaged")
-        _put(group, "summary/by_category/count", counts, chunks=counts.shape)
+        _put(group, "summary/by_category/count", counts, chunks=counts.shape, dims=("category",))
+        _put_coordinates(group, "summary", lay, sample_axis=False)
+        _put_coordinates(group, "summary/by_category", lay, sample_axis=False, category_axis=True)
         means: dict[str, np.ndarray] = {}
         for name in UNIT_STATS + (HEAD_STATS if lay.n_heads else ()):
             sums = _sum_partials(group[f"partials/{name}"])
@@ -241,15 +257,18 @@ class ScoreStoreWriter:
             np.divide(sums, counts[:, None], out=by_category, where=counts[:, None] > 0)
             means[name] = (sums.sum(axis=0) / lay.n_samples).astype(np.float32)
             width = min(sums.shape[1], lay.unit_chunk)
-            _put(group, f"summary/{name}", means[name], chunks=(width,))
+            axis = "unit" if name in UNIT_STATS else "head"
+            _put(group, f"summary/{name}", means[name], chunks=(width,), dims=(axis,),
+                 attrs=_coordinates_attr(axis))
             _put(group, f"summary/by_category/{name}", by_category.astype(np.float32),
-                 chunks=(len(lay.categories), width))
+                 chunks=(len(lay.categories), width), dims=("category", axis), attrs=_coordinates_attr(axis))
         if score_fn is not None:
             inputs = score_inputs(means, lay.units_down_norm)
             score = np.asarray(score_fn(inputs), dtype=np.float32)
             if score.shape != (lay.n_units,):
                 raise ScoreStoreError(f"score_fn returned shape {score.shape}, expected ({lay.n_units},)")
-            _put(group, "summary/score", score, chunks=(min(lay.n_units, lay.unit_chunk),))
+            _put(group, "summary/score", score, chunks=(min(lay.n_units, lay.unit_chunk),), dims=("unit",),
+                 attrs=_coordinates_attr("unit"))
         final_attrs = dict(score_attrs or {})
         final_attrs.update(complete_chunks=list(range(self.n_chunks)), finalized=True)
         group.update_attributes(final_attrs)
@@ -278,17 +297,25 @@ def score_inputs(means: dict[str, np.ndarray], down_norm: np.ndarray | None) -> 
 class ScoreStore:
     """A score store opened read-only; arrays are lazy (slicing reads only the chunks it touches)."""
 
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Path, group: zarr.Group, mmap: bool = False):
         """Use `ScoreStore.open`."""
         self.path = path
         self._group = group
+        self.mmap = mmap
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._mapped: dict[str, MappedArray] = {}
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> ScoreStore:
-        """Open the store at `path` read-only."""
+    def open(cls, path: str | os.PathLike, mmap: bool = False) -> ScoreStore:
+        """Open the store at `path` read-only.
+
+        `mmap=True`: arrays stored uncompressed (the per-sample arrays of a store probed with
+        `per_sample_codec="none"`) are read through memory maps of their chunk files (`MappedArray`:
+        a read touches only the pages it needs and skips the chunk checksums; `verify()` checks them);
+        every other array is read through zarr as usual, so any store opens either way.
+        """
         path = Path(path)
-        return cls(path, _open_tinyonn_group(path, mode="r"))
+        return cls(path, _open_tinyonn_group(path, mode="r"), mmap=mmap)
 
     @property
     def n_samples(self) -> int:
@@ -315,6 +342,11 @@ class ScoreStore:
         """Whether the [N, U] per-sample arrays were kept."""
         return bool(self.attrs.get("per_sample", False))
 
+    @property
+    def per_sample_codec(self) -> str:
+        """"zstd" (compressed) or "none" (raw unit-major chunks, memory-mappable)."""
+        return str(self.attrs.get("per_sample_codec", "zstd"))
+
     def has(self, name: str) -> bool:
         """Whether array `name` (e.g. "units/down_norm") exists."""
         try:
@@ -323,11 +355,32 @@ class ScoreStore:
             return False
         return isinstance(node, zarr.Array)
 
-    def array(self, name: str) -> zarr.Array:
-        """The lazy zarr array `name`, e.g. "per_sample/grad"."""
+    def array(self, name: str) -> zarr.Array | MappedArray:
+        """The lazy array `name`, e.g. "per_sample/grad": a `MappedArray` when the store was opened
+        with `mmap=True` and the array is stored uncompressed, else the zarr array."""
         if not self.has(name):
             raise ScoreStoreError(f"{self.path}: no array {name!r}; arrays: {', '.join(self._array_names())}")
-        return self._group[name]
+        array = self._group[name]
+        if not self.mmap:
+            return array
+        if name not in self._mapped and chunk_format(array) is not None:
+            self._mapped[name] = MappedArray(array, self.path / name)
+        return self._mapped.get(name, array)
+
+    def is_mapped(self, name: str) -> bool:
+        """Whether `array(name)` reads through memory maps."""
+        return isinstance(self.array(name), MappedArray)
+
+    def verify(self, names: Sequence[str] | None = None) -> int:
+        """Check the crc32c checksum of every written chunk of the arrays `names` (default: all);
+        return the number of chunks checked. Raises `ScoreStoreError` naming a damaged chunk."""
+        checked = 0
+        for name in names if names is not None else self._array_names():
+            try:
+                checked += verify_checksums(self._group[name], self.path / name)
+            except MappedReadError as e:
+                raise ScoreStoreError(str(e)) from e
+        return checked
 
     def summary_of(self, stat: str) -> np.ndarray:
         """summary/<stat>: the mean over all samples ([U], or [H] for head stats; "score" too)."""
@@ -394,7 +447,8 @@ def _format_summary(store: ScoreStore) -> str:
         f"teacher      {_short(attrs.get('teacher'))}",
         f"samples      {store.n_samples}  (" + ", ".join(f"{c}: {n}" for c, n in counts.items()) + ")",
         f"chunks       {done}/{n_chunks} complete, {'finalized' if store.finalized else 'NOT finalized'}",
-        f"per-sample   {'yes' if store.has_per_sample else 'no (aggregates only)'}",
+        f"per-sample   " + (f"yes ({'uncompressed, memory-mappable' if store.per_sample_codec == 'none' else 'zstd'})"
+                              if store.has_per_sample else "no (aggregates only)"),
     ]
     if "formula" in attrs:
         lines.append(f"formula      {attrs['formula']}")
@@ -450,10 +504,12 @@ class _Layout:
     chunk_samples: int
     per_sample: bool
     unit_chunk: int
+    per_sample_codec: str = "zstd"
 
     @classmethod
     def build(cls, *, units_layer, units_index, heads_layer, heads_index, categories, sample_category,
-              source_index, chunk_samples, per_sample, unit_chunk, units_down_norm) -> _Layout:
+              source_index, chunk_samples, per_sample, unit_chunk, units_down_norm,
+              per_sample_codec="zstd") -> _Layout:
         units_layer = _int_vector(units_layer, np.int16, "units_layer")
         units_index = _int_vector(units_index, np.int32, "units_index")
         if len(units_layer) == 0 or len(units_index) != len(units_layer):
@@ -485,8 +541,12 @@ class _Layout:
             if units_down_norm.shape != units_layer.shape:
                 raise ScoreStoreError(f"units_down_norm has shape {units_down_norm.shape}, expected "
                                       f"({len(units_layer)},)")
+        if per_sample_codec not in PER_SAMPLE_CODECS:
+            raise ScoreStoreError(f"per_sample_codec must be one of {', '.join(PER_SAMPLE_CODECS)}, "
+                                  f"got {per_sample_codec!r}")
         return cls(units_layer, units_index, units_down_norm, heads_layer, heads_index, categories,
-                   sample_category, source_index, int(chunk_samples), bool(per_sample), int(unit_chunk))
+                   sample_category, source_index, int(chunk_samples), bool(per_sample), int(unit_chunk),
+                   per_sample_codec)
 
     @property
     def n_samples(self) -> int:
@@ -512,8 +572,8 @@ class _Layout:
     def root_attrs(self) -> dict[str, Any]:
         return dict(schema_version=SCHEMA_VERSION, n_samples=self.n_samples, n_units=self.n_units,
                     n_heads=self.n_heads, chunk_samples=self.chunk_samples, unit_chunk=self.unit_chunk,
-                    per_sample=self.per_sample, categories=list(self.categories), complete_chunks=[],
-                    finalized=False)
+                    per_sample=self.per_sample, per_sample_codec=self.per_sample_codec,
+                    categories=list(self.categories), complete_chunks=[], finalized=False)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays written at creation."""
@@ -529,10 +589,12 @@ class _Layout:
     def check_matches(self, group: zarr.Group, path: Path) -> None:
         """Raise if the store in `group` was created with other samples, units or settings."""
         expected = self.root_attrs()
-        for key in ("n_samples", "n_units", "n_heads", "chunk_samples", "unit_chunk", "per_sample", "categories"):
-            if group.attrs.get(key) != expected[key]:
+        for key in ("n_samples", "n_units", "n_heads", "chunk_samples", "unit_chunk", "per_sample",
+                    "per_sample_codec", "categories"):
+            stored = group.attrs.get(key, "zstd" if key == "per_sample_codec" else None)  # older stores: zstd
+            if stored != expected[key]:
                 raise ScoreStoreError(
-                    f"{path}: same fingerprint but {key} differs (store {group.attrs.get(key)!r}, this run "
+                    f"{path}: same fingerprint but {key} differs (store {stored!r}, this run "
                     f"{expected[key]!r}); the fingerprint must cover it — pass overwrite=True or another path")
         arrays = self.arrays()
         for name in sorted(set(arrays) | {"units/down_norm"}):
@@ -557,13 +619,17 @@ def _create(path: Path, layout: _Layout, attrs: dict[str, Any]) -> None:
         n, u, h, c, k = layout.n_samples, layout.n_units, layout.n_heads, len(layout.categories), layout.n_chunks
         cs, uc = layout.chunk_samples, min(layout.n_units, layout.unit_chunk)
         for name, values in layout.arrays().items():
-            _put(group, name, values, chunks=(cs,) if name.startswith("samples/") else (min(len(values), uc),))
-        _empty(group, "samples/n_tokens", (n,), (cs,), np.int32, fill=-1)
-        _empty(group, "samples/loss", (n,), (cs,), np.float32)
+            axis = name.split("/")[0].removesuffix("s")  # samples/ → sample, units/ → unit, heads/ → head
+            _put(group, name, values, chunks=(cs,) if axis == "sample" else (min(len(values), uc),), dims=(axis,))
+        _empty(group, "samples/n_tokens", (n,), (cs,), np.int32, fill=-1, dims=("sample",))
+        _empty(group, "samples/loss", (n,), (cs,), np.float32, dims=("sample",))
+        if layout.per_sample:
+            _put_coordinates(group, "per_sample", layout, sample_axis=True)
         stats = [(name, u, uc, "unit") for name in UNIT_STATS] + [(name, h, h, "head") for name in HEAD_STATS if h]
         for name, width, w_chunk, axis in stats:
             if layout.per_sample:
-                _empty(group, f"per_sample/{name}", (n, width), (cs, w_chunk), np.float16, dims=("sample", axis))
+                _empty(group, f"per_sample/{name}", (n, width), (cs, w_chunk), np.float16, dims=("sample", axis),
+                       codec=layout.per_sample_codec, attrs=_coordinates_attr(axis, sample=True))
             _empty(group, f"partials/{name}", (k, c, width), (1, c, w_chunk), np.float64,
                    dims=("chunk", "category", axis))
         _empty(group, "partials/count", (k, c), (1, c), np.int64, fill=0, dims=("chunk", "category"))
@@ -576,25 +642,61 @@ def _create(path: Path, layout: _Layout, attrs: dict[str, Any]) -> None:
             shutil.rmtree(tmp)
 
 
-def _codecs(dtype: np.dtype) -> list:
-    """Blosc/Zstd (bit-shuffled for float16) followed by a crc32c checksum."""
+def array_codecs(dtype: np.dtype, codec: str = "zstd", ndim: int = 1) -> dict[str, Any]:
+    """`create_array` codec arguments of the store's arrays, each ending in a crc32c checksum.
+
+    "zstd": Blosc/Zstd (bit-shuffled for float16). "none": raw bytes, and for 2-D arrays the chunk
+    stored transposed (unit-major), so a column of a chunk is one contiguous run a memory map can
+    read without touching the rest.
+    """
+    if codec == "none":
+        filters = [TransposeCodec(order=tuple(reversed(range(ndim))))] if ndim > 1 else None
+        return {"filters": filters, "compressors": [Crc32cCodec()]}
+    if np.dtype(dtype).kind in "OTU":
+        return {"compressors": [ZstdCodec(level=5), Crc32cCodec()]}
     shuffle = "bitshuffle" if np.dtype(dtype) == np.float16 else "shuffle"
-    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
+    return {"compressors": [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]}
 
 
 def _empty(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype,
-           fill: Any = None, dims: tuple[str, ...] | None = None) -> zarr.Array:
+           fill: Any = None, dims: tuple[str, ...] | None = None, codec: str = "zstd",
+           attrs: dict[str, Any] | None = None) -> zarr.Array:
     """Create an array (float fill: NaN, so unwritten rows stand out)."""
     if fill is None:
-        fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+        fill = np.nan if np.issubdtype(dtype, np.floating) else ("" if np.dtype(dtype).kind in "OTU" else 0)
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                              compressors=_codecs(dtype), dimension_names=dims, overwrite=True,
-                              config={"write_empty_chunks": True})
+                              dimension_names=dims, overwrite=True, attributes=attrs,
+                              config={"write_empty_chunks": True}, **array_codecs(dtype, codec, len(shape)))
 
 
-def _put(group: zarr.Group, name: str, values: np.ndarray, chunks: tuple[int, ...]) -> None:
-    array = _empty(group, name, values.shape, chunks, values.dtype)
+def _put(group: zarr.Group, name: str, values: np.ndarray, chunks: tuple[int, ...],
+         dims: tuple[str, ...] | None = None, attrs: dict[str, Any] | None = None) -> None:
+    dtype = str if values.dtype.kind == "U" else values.dtype
+    array = _empty(group, name, values.shape, chunks, dtype, dims=dims, attrs=attrs)
     array[...] = values
+
+
+def _coordinates_attr(axis: str, sample: bool = False) -> dict[str, str]:
+    """The `coordinates` attribute (CF, read by xarray) of an array over `axis` (unit or head)."""
+    return {"coordinates": " ".join((["sample_category"] if sample else []) + [f"{axis}_layer", f"{axis}_index"])}
+
+
+def _put_coordinates(group: zarr.Group, prefix: str, layout: _Layout, sample_axis: bool,
+                     category_axis: bool = False) -> None:
+    """Coordinate arrays beside a group's data: unit and head layer/index, the sample's category name
+    (`sample_axis`) and the category names as the `category` dimension's index (`category_axis`)."""
+    uc = min(layout.n_units, layout.unit_chunk)
+    _put(group, f"{prefix}/unit_layer", layout.units_layer, chunks=(uc,), dims=("unit",))
+    _put(group, f"{prefix}/unit_index", layout.units_index, chunks=(uc,), dims=("unit",))
+    if layout.n_heads:
+        _put(group, f"{prefix}/head_layer", layout.heads_layer, chunks=(layout.n_heads,), dims=("head",))
+        _put(group, f"{prefix}/head_index", layout.heads_index, chunks=(layout.n_heads,), dims=("head",))
+    names = np.asarray(layout.categories, dtype=str)
+    if sample_axis:
+        _put(group, f"{prefix}/sample_category", names[layout.sample_category], chunks=(layout.chunk_samples,),
+             dims=("sample",))
+    if category_axis:
+        _put(group, f"{prefix}/category", names, chunks=(len(names),), dims=("category",))
 
 
 def _write_progress(path: Path, fingerprint: str, complete: set[int]) -> None:
