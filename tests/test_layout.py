@@ -15,6 +15,7 @@ LAYERS = (
     ("tinyonn.store",),
     ("tinyonn.probe",),
     ("tinyonn.clustering",),
+    ("tinyonn.inspection",),
     ("tinyonn.model", "tinyonn.kernels", "tinyonn.compile"),
     ("tinyonn.evaluation",),
     ("tinyonn.training",),

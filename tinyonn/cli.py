@@ -121,6 +121,26 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    """Print a run's store summary, one unit, the top units or one expert (`tinyonn.inspection`)."""
+    from tinyonn import inspection
+
+    source = Path(args.store) if args.store else Path(args.runs) / args.run
+    if args.unit:
+        result = inspection.unit_report(source, *inspection.parse_pair(args.unit))
+        text = inspection.format_unit(result)
+    elif args.expert:
+        result = inspection.expert_report(source, *inspection.parse_pair(args.expert, "expert"))
+        text = inspection.format_expert(result)
+    elif args.top is not None:
+        result = inspection.top_units(source, args.top, by=args.by, category=args.category)
+        text = inspection.format_top(result, args.by, args.category)
+    else:
+        result = text = inspection.run_summary(source)
+    print(json.dumps(result, indent=1) if args.json else text)
+    return 0
+
+
 def _run_folder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="run name, a folder under --runs (default: default)")
     parser.add_argument("--runs", default=None, help="folder of runs (default: stores/runs)")
@@ -220,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--warmup-tokens", type=int, default=60_000)
     ex.add_argument("--eval-per-category", type=int, default=100, help="0: the whole validation split")
     ex.set_defaults(func=cmd_extract)
+
+    ins = sub.add_parser("inspect", help="look inside a run's score store: summary, a unit, top units, an expert")
+    ins.add_argument("--run", default="default")
+    ins.add_argument("--runs", default="stores/runs")
+    ins.add_argument("--store", default=None, help="a score store path instead of <runs>/<run>")
+    what = ins.add_mutually_exclusive_group()
+    what.add_argument("--unit", metavar="L:J", help="one unit: statistics overall and per category, expert, cell")
+    what.add_argument("--top", type=int, metavar="N", help="the N top units (--by, --category)")
+    what.add_argument("--expert", metavar="L:E", help="an expert's units and what they respond to (E may be 'shared')")
+    ins.add_argument("--by", default="score", choices=["score", "act", "grad", "freq", "taylor"])
+    ins.add_argument("--category", default=None, help="rank within one category's samples")
+    ins.add_argument("--json", action="store_true", help="print the result as JSON")
+    ins.set_defaults(func=cmd_inspect)
 
     return parser
 
