@@ -13,14 +13,19 @@ import json
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from tinyonn.clustering.config import METHODS
 from tinyonn.errors import TinyONNError
+
+if TYPE_CHECKING:  # the pipeline is imported on use: the CLI starts fast
+    from tinyonn.pipeline import RunConfig
 
 PLANNED_STAGES = ("explain", "release")
 """Stages of DESIGN.md's pipeline not built yet (listed by `tinyonn run`)."""
 
 
-def run_config(args) -> RunConfig:  # noqa: F821 (imported lazily: the CLI starts fast)
+def run_config(args) -> RunConfig:
     """A `RunConfig` from `--config FILE` (if given) with the command's own options on top."""
     from tinyonn.clustering import ClusterConfig
     from tinyonn.pipeline import RunConfig, small_train_config

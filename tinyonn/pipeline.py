@@ -29,6 +29,7 @@ from typing import Literal
 from tinyonn.clustering import ClusterConfig
 from tinyonn.config import DataConfig, ProbeConfig
 from tinyonn.errors import TinyONNError
+from tinyonn.files import write_text_atomic
 from tinyonn.training.config import Phase1Config, Phase2Config, TrainConfig
 
 STAGES = ("probe", "cluster", "assemble", "train", "evaluate")
@@ -157,9 +158,7 @@ def read_record(run_dir: Path, stage: str) -> StageRecord | None:
 def _write_record(run_dir: Path, record: StageRecord) -> None:
     path = run_dir / "stages" / f"{record.stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(record), indent=1, default=str))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(dataclasses.asdict(record), indent=1, default=str))
 
 
 def _upstream(run_dir: Path, stage: str) -> str:

@@ -49,6 +49,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from tinyonn.errors import TinyONNError
+from tinyonn.files import fsync_path
 from tinyonn.store.mapped import MappedArray, MappedReadError, chunk_format, verify_checksums
 
 SCHEMA_VERSION = 1
@@ -447,7 +448,7 @@ def _format_summary(store: ScoreStore) -> str:
         f"teacher      {_short(attrs.get('teacher'))}",
         f"samples      {store.n_samples}  (" + ", ".join(f"{c}: {n}" for c, n in counts.items()) + ")",
         f"chunks       {done}/{n_chunks} complete, {'finalized' if store.finalized else 'NOT finalized'}",
-        f"per-sample   " + (f"yes ({'uncompressed, memory-mappable' if store.per_sample_codec == 'none' else 'zstd'})"
+        "per-sample   " + (f"yes ({'uncompressed, memory-mappable' if store.per_sample_codec == 'none' else 'zstd'})"
                               if store.has_per_sample else "no (aggregates only)"),
     ]
     if "formula" in attrs:
@@ -636,7 +637,7 @@ def _create(path: Path, layout: _Layout, attrs: dict[str, Any]) -> None:
         group.update_attributes({**attrs, **layout.root_attrs()})
         _write_progress(tmp, attrs["fingerprint"], set())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -708,7 +709,7 @@ def _write_progress(path: Path, fingerprint: str, complete: set[int]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
-    _fsync_dir(path)
+    fsync_path(path)
 
 
 def _read_progress(path: Path, fingerprint: str | None) -> set[int]:
@@ -723,14 +724,6 @@ def _read_progress(path: Path, fingerprint: str | None) -> set[int]:
         raise ScoreStoreError(f"{target}: progress belongs to fingerprint {progress.get('fingerprint')!r}, "
                               f"the store to {fingerprint!r}; the store is damaged")
     return {int(k) for k in progress.get("complete_chunks", [])}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_tinyonn_group(path: Path, mode: str, hint: str = "") -> zarr.Group:

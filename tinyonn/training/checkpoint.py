@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinyonn.files import fsync_path, write_text_atomic
+
 PREFIX = "step-"
 
 
@@ -35,29 +37,9 @@ class Checkpoint:
     state: dict
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(path))
-    _fsync(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a fsynced temporary file and a rename."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync(path.parent)
+    fsync_path(path)
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -124,7 +106,7 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, torch.Tensor], 
         json.dump({**state, "step": step, "rng": plain_rng}, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync(temporary)
+    fsync_path(temporary)
     if final.exists():  # the same step saved again (e.g. on a signal right after a periodic save)
         replaced = directory / f".tmp-replaced-{final.name}-{os.getpid()}"
         final.rename(replaced)
@@ -132,7 +114,7 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, torch.Tensor], 
         shutil.rmtree(replaced)
     else:
         temporary.rename(final)
-    _fsync(directory)
+    fsync_path(directory)
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
     return final
