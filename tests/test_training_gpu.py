@@ -32,8 +32,8 @@ def test_compiled_bf16_training_follows_eager(tiny_teacher_dir, tiny_tokenizer, 
     logs = {}
     for compiled in (False, True):
         model = assemble(teacher, full_plan(2, 128, 8, groups=2, seed=0), RoutingConfig(mode="all"))
-        summary = train(model, teacher, tiny_tokenizer, examples, dataclasses.replace(config, compile=compiled),
-                        tmp_path / str(compiled))
+        summary = train(model, teacher, tiny_tokenizer, examples,
+                        dataclasses.replace(config, compile=compiled, compile_backend="tinyonn"), tmp_path / str(compiled))
         assert summary["steps"] == 8 and summary["phase2_start_step"] == 4
         logs[compiled] = [json.loads(line) for line in (tmp_path / str(compiled) / "log.jsonl").read_text().splitlines()]
     for eager, compiled in zip(logs[False], logs[True]):

@@ -22,6 +22,7 @@ RULES = ("smk", "samk", "selective", "full")
 PHASE2_ROUTING = ("dynamic", "budget", "topk")
 SWITCH_RULES = ("steps", "converged")
 KD_TOKENS = ("response", "all")
+COMPILE_BACKENDS = ("inductor", "tinyonn")
 
 
 def experts_for(fraction: float, num_experts: int) -> int:
@@ -106,7 +107,8 @@ class TrainConfig:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512, batch_size=8))
-    """Tokenisation and micro-batch size (samples)."""
+    """Tokenisation; `batch_size` samples per micro-batch in the original layout (`micro_batch_tokens`
+    None), and with `step_tokens` None `batch_size · grad_accum` samples per step."""
     data_source: str = "builtin"
     """For `train_run`: the probe set ("builtin", a JSONL file or a directory of splits)."""
     max_examples: int | None = None
@@ -114,12 +116,28 @@ class TrainConfig:
     validation_per_category: int | None = 50
     """For `train_run`: held-out examples per category of the validation split (the first n of
     each, sorted by category; None: all, 0: no validation)."""
+    step_tokens: int | None = None
+    """Size of an optimiser step in tokens (None: `data.batch_size · grad_accum` samples a step).
+    Packed (`packing`): each step is ceil(step_tokens / micro_batch_tokens) full micro-batches, filled
+    from the data stream until the next sample fits no row (~98% sample tokens on the builtin set).
+    Padded: samples until their attended tokens reach step_tokens."""
+    micro_batch_tokens: int | None = 16384
+    """Positions (rows × length, padding included) of one forward/backward; the step's samples are
+    grouped by length into micro-batches within it. None: micro-batches of `data.batch_size` samples
+    in stream order, one a row (the original layout)."""
+    packing: bool = True
+    """With `micro_batch_tokens`: pack several samples into each row of `pack_length` tokens (position
+    ids restart per sample; Hugging Face's packed-sequence attention keeps samples apart), else one
+    sample a row padded to the longest of its micro-batch."""
+    pack_length: int | None = None
+    """Row length of packed micro-batches (None: `data.max_length` rounded up to `pad_to_multiple`)."""
     pad_to_multiple: int = 64
-    """Pad each micro-batch's length to a multiple of this (1: no padding): few distinct shapes,
+    """Pad each padded micro-batch's length to a multiple of this (1: no padding): few distinct shapes,
     so cuDNN attention plans, cuBLAS heuristics and compiled graphs are reused (a new shape cost
     ~15 ms of host time per attention call on an H200)."""
     grad_accum: int = 1
-    """Micro-batches per optimiser step."""
+    """Micro-batches per optimiser step (the original layout, `micro_batch_tokens=None`); with
+    `step_tokens` None it also sets the step size: `data.batch_size · grad_accum` samples."""
     max_steps: int | None = None
     max_tokens: int | None = 2_000_000
     """Token budget (attended tokens, prompt and response); the data repeats in new epochs if
@@ -162,8 +180,16 @@ class TrainConfig:
     """Dtype of the trained weights and the optimiser state (the model is saved in its own dtype)."""
     device: str | None = None
     """None: CUDA when available, else the CPU."""
-    compile: bool = True
-    """On CUDA: `torch.compile(model, backend="tinyonn")` (and Inductor for the teacher); the CPU runs eager."""
+    compile: bool = False
+    """`torch.compile` the student (with `compile_backend`) and the teacher (Inductor), on any device.
+    Packed micro-batches then have one fixed shape (padding rows fill a step's last micro-batch), so
+    each model compiles once per routing mode: the student twice (phase 1, phase 2), the teacher once.
+    Off by default: the only GPU measurement so far (the `tinyonn` backend, before packing) ran 3.4×
+    slower than eager plus 25–40 s per compile; see bench/train_profile.py for how to compare."""
+    compile_backend: str = "inductor"
+    """Backend for the student: "inductor" (the dense masked expert computation fused by Inductor: no
+    host syncs, every unit computed) or "tinyonn" (the ragged Triton expert kernels; two host syncs per
+    layer per call, and phase 1's every-expert routing dispatches N·E slots)."""
     autocast: bool = True
     """On CUDA: bf16 autocast for the student's and teacher's forwards."""
     checkpoint_every: int = 100
@@ -173,13 +199,23 @@ class TrainConfig:
     """Steps between held-out evaluations logged as `val_loss` (0: only before and after)."""
     progress: bool = True
     """A tqdm bar with the loss and tok/s."""
+    log_every: int = 1
+    """Steps between reads of the logged metrics from the device (the only host sync of a step; every
+    step still gets its log line). Runs with `on_step`, and phase 1 under switch="converged", read
+    every step."""
 
     def __post_init__(self):
         _check(self.rule in RULES, f"TrainConfig.rule must be one of {RULES}, got {self.rule!r}")
         _check(self.kd_tokens in KD_TOKENS, f"TrainConfig.kd_tokens must be one of {KD_TOKENS}, got {self.kd_tokens!r}")
-        _check(self.grad_accum >= 1 and self.pad_to_multiple >= 1,
-               f"TrainConfig: grad_accum and pad_to_multiple must be ≥ 1, got {self.grad_accum}, {self.pad_to_multiple}")
-        for name in ("max_steps", "max_tokens", "max_examples"):
+        _check(self.grad_accum >= 1 and self.pad_to_multiple >= 1 and self.log_every >= 1,
+               f"TrainConfig: grad_accum, pad_to_multiple and log_every must be ≥ 1, got {self.grad_accum}, "
+               f"{self.pad_to_multiple}, {self.log_every}")
+        _check(self.pack_length is None or not self.packing or self.pack_length >= self.data.max_length,
+               f"TrainConfig.pack_length ({self.pack_length}) must hold the longest sample, "
+               f"data.max_length ({self.data.max_length})")
+        _check(self.compile_backend in COMPILE_BACKENDS,
+               f"TrainConfig.compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}")
+        for name in ("max_steps", "max_tokens", "max_examples", "step_tokens", "micro_batch_tokens", "pack_length"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"TrainConfig.{name} must be ≥ 1 or None, got {value}")
         _check(self.validation_per_category is None or self.validation_per_category >= 0,

@@ -1,14 +1,21 @@
 """The training loop: SMK (and the selective/full/dense baselines) over a deterministic data plan.
 
-One optimiser step: for each micro-batch, the student's forward (with every MoE layer's routing) and
-the frozen teacher's, the loss (response CE + KL to the teacher + load balance [+ z-loss] [+ router
-distillation]), backward; then per MoE layer each expert's surprise from the accumulated gradients,
-PI from the step's CE, logit entropy and global gradient norm, min_k (phase 1: a fraction of the
-layer's experts; phase 2: f(PI, act_k)), the rule's keep mask (gradients of the other experts zeroed,
-their optimiser rows frozen), clipping, the warm-up + cosine learning rate (× PI optionally) and
-`MaskedAdamW.step`. Each step appends one JSON line to `log.jsonl`; checkpoints are written every
-`checkpoint_every` steps, at the end, and when SIGTERM/SIGINT arrives (the signal is deferred to the
-end of the step, the checkpoint written, then the signal re-raised with the previous handler).
+One optimiser step: for each micro-batch of the plan (`tinyonn.training.batches`: packed rows or
+length-grouped padded rows under a token budget), the student's forward (with every MoE layer's
+routing) and the frozen teacher's, the loss (response CE + KL to the teacher + load balance
+[+ z-loss] [+ router distillation]), backward; then for all MoE layers at once each expert's surprise
+from the accumulated gradients, PI from the step's CE, logit entropy and global gradient norm, min_k
+(phase 1: a fraction of the layer's experts; phase 2: f(PI, act_k)), the rule's keep mask (gradients
+of the other experts zeroed, their optimiser rows frozen), clipping, the warm-up + cosine learning
+rate (× PI optionally) and `MaskedAdamW.step`.
+
+Everything a step computes stays on the device: the loss positions come from the host with the
+batch, routing counts and losses are accumulated as tensors, and the log's values are read back in
+one transfer at the end of the step (or every `log_every` steps), the step's only host sync.
+
+Each step appends one JSON line to `log.jsonl`; checkpoints are written every `checkpoint_every`
+steps, at the end, and when SIGTERM/SIGINT arrives (the signal is deferred to the end of the step,
+the checkpoint written, then the signal re-raised with the previous handler).
 `train(..., resume=True)` continues from the newest checkpoint and ends bitwise equal to an
 uninterrupted run (the log's fields other than `TIMING_FIELDS` too).
 
@@ -19,6 +26,7 @@ MLPs are what trains, KD from a frozen copy of the teacher (the dense fine-tune 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -26,31 +34,31 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from tinyonn.config import DataConfig
-from tinyonn.data import Example, collate, encode_examples
+from tinyonn.data import Example, encode_examples
 from tinyonn.model.moe_layer import expert_mass
-from tinyonn.model.routing import RoutingConfig, topk_mask
-from tinyonn.training.batches import PlannedStep, pad_to_multiple, plan_steps
+from tinyonn.model.routing import RoutingConfig
+from tinyonn.training.batches import MicroBatch, PlannedStep, SampleArrays, collate_micro_batch, plan_steps
 from tinyonn.training.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, \
     truncate_log, write_text_atomic
 from tinyonn.training.config import TrainConfig, experts_for
-from tinyonn.training.losses import cross_entropy_sum, kd_positions, kl_to_teacher_sum, router_distillation_loss, \
-    router_z_loss, switch_balance_loss
+from tinyonn.training.losses import cross_entropy_sum_at, distillation_per_token, kl_to_teacher_sum_at, \
+    router_z_loss, stacked_balance_loss
 from tinyonn.training.optim import scheduled_lr, set_learning_rate
 from tinyonn.training.parameters import TrainedParameters, build_optimizer, cast_parameters, select_trained
 from tinyonn.training.phases import phase1_done, phase1_routing, phase2_routing
-from tinyonn.training.rules import keep_experts, mask_expert_gradients
-from tinyonn.training.surprise import entropy_sum, expert_surprise, global_surprise, min_k_from_pi, pi_score
+from tinyonn.training.rules import keep_grid, zero_dropped_rows
+from tinyonn.training.surprise import ExpertRows, entropy_sum, global_surprise, min_k_tensor, pi_score
 
 TIMING_FIELDS = ("step_seconds", "tok_per_s", "elapsed_s", "memory_gib")
 """Log fields that measure the machine, not the training: they differ between identical runs."""
-CONFIG_FIELDS_FREE_ON_RESUME = ("progress", "checkpoint_every", "keep_checkpoints")
+CONFIG_FIELDS_FREE_ON_RESUME = ("progress", "checkpoint_every", "keep_checkpoints", "log_every")
 """Config fields a resumed run may change (they do not change what is computed)."""
 
 
@@ -139,6 +147,50 @@ def validation_loss(model, tokenizer, examples: Sequence[Example], data: DataCon
         model.train(was_training)
 
 
+def topk_grid(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`tinyonn.model.routing.topk_mask` of every layer at once: scores [L, N, E_max] (−inf in padding
+    columns), k [L] → 0/1 float32 mask of each token's k_l best experts."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = order.argsort(dim=-1)
+    return ((rank < k.view(-1, 1, 1)) & (scores > -math.inf)).to(torch.float32)
+
+
+class SectionTimer:
+    """Wall time per named section of a step, with a device sync around each section; off (and
+    free) unless `enabled` (bench/train_profile.py turns it on)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.enabled = False
+        self.totals: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def _timed(self, name: str):
+        self._sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - started
+
+    def __call__(self, name: str):
+        return self._timed(name) if self.enabled else nullcontext()
+
+
+@dataclass
+class PendingRecord:
+    """A step's log record whose device values have not been read yet."""
+
+    record: dict
+    tensors: dict[str, torch.Tensor]
+    host_seconds: float
+
+
 class Trainer:
     """The state of one run; `run()` does the steps (see the module docstring)."""
 
@@ -157,8 +209,13 @@ class Trainer:
         if not self.layers and config.rule != "full":
             raise ValueError(f"a model without MoE layers trains with rule 'full', not {config.rule!r}")
         self.samples, self.skipped = encode_examples(tokenizer, list(examples), config.data)
+        self.pack_length = config.pack_length or -(-config.data.max_length // config.pad_to_multiple) * config.pad_to_multiple
         self.plan = plan_steps(self.samples, config.data.batch_size, config.grad_accum, config.seed,
-                               config.max_steps, config.max_tokens)
+                               config.max_steps, config.max_tokens, step_tokens=config.step_tokens,
+                               micro_batch_tokens=config.micro_batch_tokens, packing=config.packing,
+                               pack_length=self.pack_length, pad_to_multiple=config.pad_to_multiple,
+                               fixed_rows=config.compile)
+        self.arrays = [SampleArrays.of(sample) for sample in self.samples]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.original_dtype = next(model.parameters()).dtype
         self.param_dtype = getattr(torch, config.param_dtype)
@@ -173,6 +230,8 @@ class Trainer:
         self.log_path = self.out_dir / "log.jsonl"
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self._last_saved_step: int | None = None
+        self.pending: list[PendingRecord] = []
+        self.timer = SectionTimer(self.device)
 
     # ------------------------------------------------------------------ set-up
 
@@ -196,16 +255,25 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self._set_phase_routing()
+        if self.layers:
+            self.rows = ExpertRows(self.layers)
+            count = lambda fraction: torch.tensor([experts_for(fraction, e) for e in self.rows.num_experts],  # noqa: E731
+                                                  device=self.device)
+            self.phase1_top_k = count(self.config.phase1.top_k_fraction)
+            self.phase1_min_k = count(self.config.phase1.min_k_fraction)
         if self._needs_layer_inputs():  # each MoE layer's input x (router distillation, z-loss)
             for index, layer in enumerate(self.layers):
                 self._hooks.append(layer.register_forward_pre_hook(
                     lambda module, args, index=index: self.layer_inputs.__setitem__(index, args[0])))
         self.forward_model, self.teacher_forward = self.model, self.teacher
-        if self.config.compile and self.device.type == "cuda":
-            import tinyonn.compile  # noqa: F401  (registers the "tinyonn" backend where no entry point does)
-
-            self.forward_model = torch.compile(self.model, backend="tinyonn" if self.layers else "inductor")
-            self.teacher_forward = torch.compile(self.teacher)
+        if self.config.compile:
+            backend = self.config.compile_backend if self.layers else "inductor"
+            if backend == "tinyonn":
+                import tinyonn.compile  # noqa: F401  (registers the "tinyonn" backend where no entry point does)
+            # packed micro-batches have one shape: compile for it alone, never for symbolic sizes
+            dynamic = False if self.config.packing and self.config.micro_batch_tokens else None
+            self.forward_model = torch.compile(self.model, backend=backend, dynamic=dynamic)
+            self.teacher_forward = torch.compile(self.teacher, dynamic=dynamic)
 
     def _restore(self, checkpoint) -> None:
         saved = checkpoint.state
@@ -250,162 +318,218 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_autocast else nullcontext()
 
-    def _micro_batch(self, indices: Sequence[int], planned: PlannedStep, sums: dict, layer_stats: list[dict]) -> None:
+    def _micro_batch(self, micro: MicroBatch, planned: PlannedStep, sums: dict) -> None:
         """Forward and backward of one micro-batch; adds its loss parts and routing counts to `sums`
-        and `layer_stats`."""
-        config = self.config
-        batch = collate([self.samples[i] for i in indices], self.pad_id, "right")
-        batch = pad_to_multiple(batch, config.pad_to_multiple, self.pad_id).to(self.device)
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        (device tensors only: nothing is read back)."""
+        config, timer = self.config, self.timer
+        with timer("collate"):
+            batch = collate_micro_batch(self.arrays, micro, self.pad_id).to(self.device)
+        inputs = dict(input_ids=batch.input_ids, use_cache=False)
+        if batch.attention_mask is not None:
+            inputs["attention_mask"] = batch.attention_mask
+        if batch.position_ids is not None:
+            inputs["position_ids"] = batch.position_ids
         kd_count = planned.response_tokens if config.kd_tokens == "response" else planned.pairs
         self.layer_inputs.clear()
         with self._autocast():
-            out = self.forward_model(**inputs, output_router_logits=True) if self.layers else self.forward_model(**inputs)
+            with timer("student_forward"):
+                out = self.forward_model(**inputs, output_router_logits=True) if self.layers \
+                    else self.forward_model(**inputs)
             teacher_logits = None
             if config.kd_weight > 0:
-                with torch.no_grad():
+                with timer("teacher_forward"), torch.no_grad():
                     teacher_logits = self.teacher_forward(**inputs).logits
-        logits = out.logits
-        ce, scored = cross_entropy_sum(logits, batch.labels)
-        loss = config.ce_weight * ce / planned.response_tokens
-        sums["ce"] += ce.detach()
-        sums["entropy"] += entropy_sum(scored)
-        if teacher_logits is not None:
-            kd = kl_to_teacher_sum(logits, teacher_logits, kd_positions(batch.labels, batch.attention_mask,
-                                                                        config.kd_tokens), config.kd_temperature)
-            loss = loss + config.kd_weight * kd / kd_count
-            sums["kd"] += kd.detach() / kd_count
-        if self.layers:
-            loss = loss + self._router_losses(out.router_outputs, batch.attention_mask, planned, sums, layer_stats)
-        loss.backward()
+        with timer("losses"):
+            logits = out.logits
+            ce, scored = cross_entropy_sum_at(logits, batch.response_index, batch.response_targets)
+            loss = config.ce_weight * ce / planned.response_tokens
+            sums["ce"] += ce.detach()
+            sums["entropy"] += entropy_sum(scored)
+            if teacher_logits is not None:
+                index = batch.response_index if config.kd_tokens == "response" else batch.pair_index
+                kd = kl_to_teacher_sum_at(logits, teacher_logits, index, config.kd_temperature)
+                loss = loss + config.kd_weight * kd / kd_count
+                sums["kd"] += kd.detach() / kd_count
+            if self.layers:
+                loss = loss + self._router_losses(out.router_outputs, batch.token_weight, batch.tokens, planned, sums)
+        with timer("backward"):
+            loss.backward()
         sums["loss"] += loss.detach()
 
-    def _router_losses(self, router_outputs, attention_mask: torch.Tensor, planned: PlannedStep, sums: dict,
-                       layer_stats: list[dict]) -> torch.Tensor:
-        """Load balance, router distillation and z-loss of a micro-batch (weighted by its share of
-        the step's tokens); counts of active experts and units per layer."""
-        config, phase = self.config, self.state.phase
+    def _router_losses(self, router_outputs, weights: torch.Tensor, count: int, planned: PlannedStep,
+                       sums: dict) -> torch.Tensor:
+        """Load balance, router distillation and z-loss of a micro-batch over its sample tokens
+        (`weights`, `count` of them), weighted by its share of the step's tokens; each expert's token
+        count. The balance loss and the counts are computed for all layers at once."""
+        config, phase, rows = self.config, self.state.phase, self.rows
         distill_weight = config.phase1.router_distill_weight if phase == 1 else config.phase2.router_distill_weight
-        attended = attention_mask.reshape(-1).bool()
-        share = attended.sum() / planned.tokens
-        balance, distill, z_loss = [], [], []
-        for index, (layer, routed) in enumerate(zip(self.layers, router_outputs)):
-            scores, mask = routed.scores[attended], routed.mask[attended]
-            balance_mask = mask
-            if phase == 1:  # every expert is on: balance the top_k the router learns to pick
-                balance_mask = topk_mask(scores.detach(), experts_for(config.phase1.top_k_fraction, layer.num_experts))
-            balance.append(switch_balance_loss(scores, balance_mask))
-            if distill_weight > 0 or config.z_loss_weight > 0:
-                x = self.layer_inputs[index].reshape(-1, self.layer_inputs[index].shape[-1])[attended]
+        share = count / planned.tokens
+        scores = rows.pad([routed.scores for routed in router_outputs], -math.inf)  # [L, N, E_max]
+        mask = rows.pad([routed.mask for routed in router_outputs], 0.0)
+        # phase 1 turns every expert on: balance the top_k the router learns to pick
+        balance_mask = topk_grid(scores.detach(), self.phase1_top_k) if phase == 1 else mask.detach()
+        balance = stacked_balance_loss(scores, balance_mask, weights, count, rows.experts).mean()
+        total = config.balance_weight * balance
+        sums["balance"] += share * balance.detach()
+        sums["expert_tokens"] += (mask.detach() * weights.unsqueeze(-1)).sum(1).double()
+        if distill_weight > 0 or config.z_loss_weight > 0:
+            distill, z_loss = [], []
+            for index, (layer, routed) in enumerate(zip(self.layers, router_outputs)):
+                x = self.layer_inputs[index].reshape(-1, self.layer_inputs[index].shape[-1])
                 if distill_weight > 0:
                     with torch.no_grad():
                         mass = expert_mass(layer.dense_h(x.detach()), layer.w_down, layer.unit_expert, layer.num_experts)
-                    distill.append(router_distillation_loss(scores, mass))
+                    distill.append((distillation_per_token(routed.scores, mass) * weights).sum() / count)
                 if config.z_loss_weight > 0:
-                    z_loss.append(router_z_loss(layer.router, x))
-            stats = layer_stats[index]
-            selected = mask.detach() > 0
-            stats["experts"] += selected.sum()
-            stats["units"] += (mask.detach() @ layer.expert_sizes.to(mask.dtype)).sum() \
-                + layer.shared_gate.shape[0] * selected.shape[0]
-            stats["activated"] |= selected.any(0)
-        total = config.balance_weight * torch.stack(balance).mean()
-        sums["balance"] += share * torch.stack(balance).mean().detach()
-        if distill:
-            total = total + distill_weight * torch.stack(distill).mean()
-            sums["router_distill"] += share * torch.stack(distill).mean().detach()
-        if z_loss:
-            total = total + config.z_loss_weight * torch.stack(z_loss).mean()
-            sums["z_loss"] += share * torch.stack(z_loss).mean().detach()
+                    z_loss.append(router_z_loss(layer.router, x, weights, count))
+            if distill:
+                mean = torch.stack(distill).mean()
+                total = total + distill_weight * mean
+                sums["router_distill"] += share * mean.detach()
+            if z_loss:
+                mean = torch.stack(z_loss).mean()
+                total = total + config.z_loss_weight * mean
+                sums["z_loss"] += share * mean.detach()
         return share * total
 
-    def _step(self, planned: PlannedStep) -> dict:
-        """One optimiser step; returns its log record."""
-        config, state = self.config, self.state
+    def _step(self, planned: PlannedStep) -> PendingRecord:
+        """One optimiser step; returns its log record, its device values still unread."""
+        config, state, timer = self.config, self.state, self.timer
         started = time.perf_counter()
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
         sums = {key: zero() for key in ("loss", "ce", "kd", "entropy", "balance", "router_distill", "z_loss")}
-        layer_stats = [{"experts": zero(), "units": zero(),
-                        "activated": torch.zeros(layer.num_experts, dtype=torch.bool, device=self.device)}
-                       for layer in self.layers]
-        for indices in planned.micro_batches:
-            self._micro_batch(indices, planned, sums, layer_stats)
+        if self.layers:
+            sums["expert_tokens"] = torch.zeros(self.rows.num_layers, self.rows.width, dtype=torch.float64,
+                                                device=self.device)
+        for micro in planned.layout:
+            self._micro_batch(micro, planned, sums)
 
-        params = self.trained.parameters()
-        surprise = global_surprise(p.grad for p in params)
-        epsilon = sums["ce"] / planned.response_tokens
-        tau = sums["entropy"] / planned.response_tokens
-        pi = float(pi_score(epsilon, tau, surprise, config.pi_alpha, config.pi_gamma))
-        record_layers = self._apply_rule(pi, planned, layer_stats)
-        if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        else:
-            grad_norm = float(global_surprise(p.grad for p in params))
-        lr = scheduled_lr(state.step, len(self.plan), config.lr, config.warmup_steps, config.min_lr_ratio)
-        if config.pi_modulated_lr:
-            lr *= pi
-        set_learning_rate(self.optimizer, lr)
-        self.optimizer.step(record_layers.pop("row_masks"))
-        self.optimizer.zero_grad(set_to_none=True)
+        with timer("rule"):
+            params = self.trained.parameters()
+            surprise = global_surprise(p.grad for p in params)
+            epsilon = sums["ce"] / planned.response_tokens
+            tau = sums["entropy"] / planned.response_tokens
+            pi = pi_score(epsilon, tau, surprise, config.pi_alpha, config.pi_gamma).to(self.device)
+            layer_tensors, row_masks = self._apply_rule(pi, planned, sums) if self.layers else ({}, {})
+        with timer("clip"):
+            if config.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+            else:
+                grad_norm = global_surprise(p.grad for p in params)
+        with timer("optimizer"):
+            lr = scheduled_lr(state.step, len(self.plan), config.lr, config.warmup_steps, config.min_lr_ratio)
+            lr_value = lr * pi if config.pi_modulated_lr else lr
+            set_learning_rate(self.optimizer, lr_value)
+            self.optimizer.step(row_masks)
+            self.optimizer.zero_grad(set_to_none=True)
 
-        values = {key: float(value) for key, value in sums.items()}
-        seconds = time.perf_counter() - started
         state.tokens_seen += planned.tokens
-        state.elapsed_s += seconds
         record = {
             "step": state.step + 1, "phase": state.phase, "epoch": planned.epoch, "lr": lr,
-            "loss": values["loss"], "ce": float(epsilon), "kd": values["kd"],
-            "balance": values["balance"], "router_distill": values["router_distill"], "z_loss": values["z_loss"],
-            "pi": pi, "tau": float(tau), "surprise": float(surprise),
-            "grad_norm": grad_norm, "tokens": planned.tokens, "response_tokens": planned.response_tokens,
-            "tokens_seen": state.tokens_seen, **record_layers, "val_loss": None,
-            "step_seconds": seconds, "tok_per_s": planned.tokens / max(seconds, 1e-9),
-            "elapsed_s": state.elapsed_s, "memory_gib": memory_gib(self.device),
+            "loss": None, "ce": None, "kd": None, "balance": None, "router_distill": None, "z_loss": None,
+            "pi": None, "tau": None, "surprise": None, "grad_norm": None, "tokens": planned.tokens,
+            "response_tokens": planned.response_tokens, "tokens_seen": state.tokens_seen,
+            "surprise_mean": [], "surprise_max": [], "min_k": [], "act_k": [], "experts_updated": [],
+            "active_experts": [], "active_units": [], "active_experts_mean": None, "active_units_mean": None,
+            "active_unit_fraction": 1.0, "val_loss": None,
+            "step_seconds": None, "tok_per_s": None, "elapsed_s": None, "memory_gib": memory_gib(self.device),
         }
+        tensors = {"loss": sums["loss"], "ce": epsilon, "kd": sums["kd"], "balance": sums["balance"],
+                   "router_distill": sums["router_distill"], "z_loss": sums["z_loss"], "pi": pi, "tau": tau,
+                   "surprise": surprise, "grad_norm": grad_norm, **layer_tensors}
+        if config.pi_modulated_lr:
+            tensors["lr"] = lr_value
         if state.phase == 1:
             state.phase1_steps += 1
-            state.distill_history = (state.distill_history + [values["router_distill"]])[
-                -2 * config.phase1.converge_window:]
         state.step += 1
-        return record
+        return PendingRecord(record, tensors, time.perf_counter() - started)
 
-    def _apply_rule(self, pi: float, planned: PlannedStep, layer_stats: list[dict]) -> dict:
-        """Per layer: surprise, min_k, the rule's keep mask (gradients zeroed outside it); the log's
-        per-layer lists and the optimiser's row masks."""
-        config = self.config
-        out = {key: [] for key in ("surprise_mean", "surprise_max", "min_k", "act_k", "experts_updated",
-                                   "active_experts", "active_units")}
+    def _apply_rule(self, pi: torch.Tensor, planned: PlannedStep, sums: dict
+                    ) -> tuple[dict[str, torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
+        """Every layer at once: surprise, act_k, min_k, the rule's keep mask (gradients zeroed outside
+        it); the log's per-layer tensors and the optimiser's row masks."""
+        config, rows, tokens = self.config, self.rows, planned.tokens
+        surprise = rows.stacked_surprise()
+        expert_tokens = sums["expert_tokens"]  # [L, E_max] tokens that selected each expert (exact in float64)
+        experts = expert_tokens.sum(1).round().to(torch.int64)
+        act_k = ((experts + tokens - 1) // tokens).clamp_min(1)  # ceil of the mean experts per token
+        min_k = self.phase1_min_k if self.state.phase == 1 else min_k_tensor(pi, act_k)
+        keep = keep_grid(config.rule, surprise, expert_tokens > 0, min_k, rows.valid)
         row_masks = {}
-        for layer, stats in zip(self.layers, layer_stats):
-            surprise = expert_surprise(layer)
-            experts = int(stats["experts"])
-            act_k = max(1, -(-experts // planned.tokens))  # ceil of the mean experts per token
-            if self.state.phase == 1:
-                min_k = experts_for(config.phase1.min_k_fraction, layer.num_experts)
+        if config.rule != "full":
+            masks = rows.row_masks(keep)
+            zero_dropped_rows(rows.params, masks)
+            row_masks = dict(zip(rows.params, masks))
+        units = (expert_tokens * rows.sizes).sum(1) + rows.shared * tokens
+        layer_tensors = {
+            "surprise_mean": surprise.sum(1) / rows.experts, "surprise_max": surprise.max(1).values,
+            "min_k": min_k, "act_k": act_k, "experts_updated": keep.sum(1),
+            "active_experts": experts.double() / tokens, "active_units": units / tokens,
+        }
+        return layer_tensors, row_masks
+
+    # ------------------------------------------------------------------ logging
+
+    INT_FIELDS = ("min_k", "act_k", "experts_updated")
+
+    def _flush(self) -> None:
+        """Read every pending record's device values in one transfer (the host sync), then write the
+        records, update the progress bar and call `on_step` for each."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        started = time.perf_counter()
+        with self.timer("log_read"):
+            parts = [t.detach().reshape(-1).to(torch.float64) for p in pending for t in p.tensors.values()]
+            values = torch.cat(parts).tolist() if parts else []
+        wait = (time.perf_counter() - started) / len(pending)
+        state, at = self.state, 0
+        for item in pending:
+            record = item.record
+            for key, tensor in item.tensors.items():
+                size = tensor.numel()
+                chunk = values[at:at + size]
+                at += size
+                if key in self.INT_FIELDS:
+                    chunk = [int(v) for v in chunk]
+                record[key] = chunk if tensor.dim() else chunk[0]
+            if self.layers:
+                count = len(self.layers)
+                record["active_experts_mean"] = sum(record["active_experts"]) / count
+                record["active_units_mean"] = sum(record["active_units"]) / count
+                record["active_unit_fraction"] = record["active_units_mean"] / self.intermediate_size
             else:
-                min_k = min_k_from_pi(pi, act_k)
-            keep = keep_experts(config.rule, surprise, stats["activated"], min_k)
-            if config.rule != "full":
-                row_masks.update(mask_expert_gradients(layer, keep))
-            out["surprise_mean"].append(float(surprise.mean()))
-            out["surprise_max"].append(float(surprise.max()))
-            out["min_k"].append(min_k)
-            out["act_k"].append(act_k)
-            out["experts_updated"].append(int(keep.sum()))
-            out["active_experts"].append(experts / planned.tokens)
-            out["active_units"].append(float(stats["units"]) / planned.tokens)
-        count = max(len(self.layers), 1)
-        out["active_experts_mean"] = sum(out["active_experts"]) / count if self.layers else None
-        out["active_units_mean"] = sum(out["active_units"]) / count if self.layers else None
-        out["active_unit_fraction"] = (out["active_units_mean"] / self.intermediate_size) if self.layers else 1.0
-        out["row_masks"] = row_masks
-        return out
+                record["active_experts_mean"] = record["active_units_mean"] = None
+            seconds = item.host_seconds + wait
+            state.elapsed_s += seconds
+            record.update(step_seconds=seconds, tok_per_s=record["tokens"] / max(seconds, 1e-9),
+                          elapsed_s=state.elapsed_s)
+            if record["phase"] == 1:
+                state.distill_history = (state.distill_history + [record["router_distill"]])[
+                    -2 * self.config.phase1.converge_window:]
+            self._log_file.write(json.dumps(record) + "\n")
+            state.log_lines += 1
+            self._progress.update(1)
+            self._progress.set_postfix(loss=f"{record['loss']:.4f}", phase=record["phase"],
+                                       tok_s=f"{record['tok_per_s']:.0f}")
+            if self.on_step is not None:
+                self.on_step(record["step"], record)
+        self._log_file.flush()
+
+    def _must_flush(self) -> bool:
+        """Whether the pending records are to be read now (see `TrainConfig.log_every`)."""
+        state, config = self.state, self.config
+        return (len(self.pending) >= config.log_every or self.on_step is not None
+                or state.step >= len(self.plan)
+                or (state.phase == 1 and config.phase1.switch == "converged")
+                or bool(config.checkpoint_every and state.step % config.checkpoint_every == 0))
 
     # ------------------------------------------------------------------ the run
 
     def _checkpoint(self) -> None:
         if self._last_saved_step == self.state.step:
             return
+        self._flush()
         self._log_file.flush()
         os.fsync(self._log_file.fileno())
         next_step = self.plan[self.state.step] if self.state.step < len(self.plan) else None
@@ -428,31 +552,28 @@ class Trainer:
         self._prepare(resume)
         resumed_from = self.state.step if resume and self._last_saved_step is not None else None
         signals = DeferredSignals()
-        progress = tqdm(total=len(self.plan), initial=self.state.step, disable=not self.config.progress,
-                        desc="train", unit="step", dynamic_ncols=True)
+        self._progress = tqdm(total=len(self.plan), initial=self.state.step, disable=not self.config.progress,
+                              desc="train", unit="step", dynamic_ncols=True)
         self._log_file = open(self.log_path, "a")
         try:
             with signals:
                 while self.state.step < len(self.plan) and signals.received is None:
                     self._maybe_switch_phase()
-                    record = self._step(self.plan[self.state.step])
+                    pending = self._step(self.plan[self.state.step])
                     if self.config.eval_every and self.validation and self.state.step % self.config.eval_every == 0:
-                        record["val_loss"] = validation_loss(self.model, self.tokenizer, self.validation,
-                                                             self.eval_data)["all"]["nll"]
-                    self._log_file.write(json.dumps(record) + "\n")
-                    self._log_file.flush()
-                    self.state.log_lines += 1
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", phase=record["phase"],
-                                         tok_s=f"{record['tok_per_s']:.0f}")
-                    if self.on_step is not None:
-                        self.on_step(self.state.step, record)
+                        pending.record["val_loss"] = validation_loss(self.model, self.tokenizer, self.validation,
+                                                                     self.eval_data)["all"]["nll"]
+                    self.pending.append(pending)
+                    if self._must_flush():
+                        self._flush()
                     if self.config.checkpoint_every and self.state.step % self.config.checkpoint_every == 0:
                         self._checkpoint()
+                self._flush()
                 if signals.received is not None or self.state.step == len(self.plan):
                     self._checkpoint()
         finally:
-            progress.close()
+            self.pending.clear()
+            self._progress.close()
             self._log_file.close()
             for hook in self._hooks:
                 hook.remove()

@@ -5,7 +5,9 @@ dimension: a unit of a MoE layer's `w_gate`/`w_up`/`w_down`): the other rows' we
 step counts are not touched at all (no momentum decay, no weight decay, no step), so an expert the
 update rule skips resumes later exactly where it stopped. Every parameter keeps a step count per
 row, so bias correction is per row. Without a mask the update is torch's AdamW (decoupled weight
-decay, then the moments, then `p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`).
+decay, then the moments, then `p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`). A masked update is
+the same arithmetic with per-row coefficients (no row selection, so no host sync): a row not kept
+is multiplied by 1 and moved by 0 (values unchanged; at most the sign of a zero can flip).
 """
 
 from __future__ import annotations
@@ -18,21 +20,41 @@ import torch
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
+@torch.no_grad()
 def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  step: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> None:
-    """One AdamW update in place on `param`, `exp_avg`, `exp_avg_sq`; `step` [rows] holds each row's
-    step count including this step."""
+                  step: torch.Tensor, keep: torch.Tensor | None, lr: float | torch.Tensor, beta1: float,
+                  beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW update in place on `param`, `exp_avg`, `exp_avg_sq` and the per-row step counts
+    `step` [rows], of the rows where `keep` [rows] is True (None: every row). Rows not kept are not
+    touched: their coefficients are 1 (decay, moment decay) and 0 (update), their gradient is read as
+    0, so their weights and moments come out with the same values, and their step counts do not move.
+    Nothing here reads a tensor back to the host; `lr` may be a tensor."""
     shape = (-1,) + (1,) * (param.dim() - 1) if param.dim() else ()
-    steps = step.to(torch.float64)
-    step_size = (lr / (1 - beta1 ** steps)).to(param.dtype).reshape(shape)
+    if keep is None:
+        step += 1
+        steps = step
+    else:
+        keep = keep.to(param.device, torch.bool)
+        step += keep
+        steps = step.clamp_min(1)  # rows never updated: any finite bias correction (their update is × 0)
+        grad = grad.masked_fill(~keep.reshape(shape), 0)
+    steps = steps.to(torch.float64)
+    step_size = (lr / (1 - beta1 ** steps)).to(param.dtype)
     bias_correction2_sqrt = (1 - beta2 ** steps).sqrt().to(param.dtype).reshape(shape)
-    if weight_decay:
-        param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if keep is None:
+        if weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    else:
+        kept = keep.to(param.dtype)
+        if weight_decay:
+            param.mul_((1 - kept * (lr * weight_decay)).reshape(shape))
+        exp_avg.mul_((1 - kept * (1 - beta1)).reshape(shape)).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_((1 - kept * (1 - beta2)).reshape(shape)).addcmul_(grad, grad, value=1 - beta2)
+        step_size = step_size * kept
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.sub_(step_size * exp_avg / denom)
+    param.sub_(step_size.reshape(shape) * exp_avg / denom)
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -57,7 +79,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, row_masks: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:  # type: ignore[override]
         """Update every parameter that has a gradient; a parameter in `row_masks` ([rows] bool,
-        True = update) changes only in its kept rows."""
+        True = update) changes only in its kept rows. No host syncs (a group's lr may be a tensor)."""
         row_masks = row_masks or {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -67,21 +89,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 state = self._state(param)
-                mask = row_masks.get(param)
-                if mask is None:
-                    state["step"] += 1
-                    _adamw_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **settings)
-                    continue
-                rows = mask.to(param.device, torch.bool).nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                parts = [t.index_select(0, rows) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
-                steps = state["step"].index_select(0, rows) + 1
-                _adamw_update(*parts, steps, **settings)
-                param.index_copy_(0, rows, parts[0])
-                state["exp_avg"].index_copy_(0, rows, parts[2])
-                state["exp_avg_sq"].index_copy_(0, rows, parts[3])
-                state["step"].index_copy_(0, rows, steps)
+                _adamw_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                              row_masks.get(param), **settings)
 
     def state_tensors(self, names: Mapping[torch.Tensor, str]) -> dict[str, torch.Tensor]:
         """The optimiser state as `{"<param name>/<key>": tensor}` (for a safetensors file)."""

@@ -13,6 +13,10 @@ Named as in the seed author's PILF code:
 Ties in surprise go to the lower expert index. The experts that do not keep their gradient have it
 zeroed before clipping and the optimiser step, and the optimiser leaves their rows (weights, moments,
 step counts) untouched (`tinyonn.training.optim.MaskedAdamW`).
+
+`keep_grid` is `keep_experts` for all layers at once over the [L, E_max] grid of
+`tinyonn.training.surprise.ExpertRows` (the same masks; tested against it), with min_k a tensor, so
+the loop decides every layer's keep mask on the device without host syncs.
 """
 
 from __future__ import annotations
@@ -66,3 +70,30 @@ def mask_expert_gradients(layer, keep: torch.Tensor) -> dict[torch.nn.Parameter,
             param.grad.masked_fill_(~rows.unsqueeze(1), 0)
         masks[param] = rows
     return masks
+
+
+def keep_grid(rule: str, surprise: torch.Tensor, activated: torch.Tensor, min_k: torch.Tensor,
+              valid: torch.Tensor) -> torch.Tensor:
+    """`keep_experts` of every layer at once: surprise [L, E_max], activated and valid (real experts)
+    [L, E_max] bool, min_k [L] integer tensor → [L, E_max] bool (padding never kept)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    activated = activated.to(torch.bool) & valid
+    if rule == "full":
+        return valid.clone()
+    if rule == "selective":
+        return activated
+    eligible = valid if rule == "smk" else activated
+    ranked = torch.where(eligible, surprise.float(), torch.full_like(surprise, float("inf"), dtype=torch.float32))
+    order = torch.sort(ranked, dim=1, stable=True).indices  # padding (inf, last columns) sorts after the layer's own
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    count = torch.minimum(min_k.to(order.device).clamp_min(0), eligible.sum(1))
+    return (rank < count.unsqueeze(1)) & valid
+
+
+@torch.no_grad()
+def zero_dropped_rows(params: list[torch.nn.Parameter], row_masks: list[torch.Tensor]) -> None:
+    """Zero the gradient rows outside each parameter's row keep mask (`ExpertRows.row_masks`)."""
+    for param, rows in zip(params, row_masks):
+        if param.grad is not None:
+            param.grad.masked_fill_(~rows.unsqueeze(1), 0)
