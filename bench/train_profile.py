@@ -20,6 +20,9 @@ steadiest run and the CPU-seconds rate are quoted):
     84 / 88 tok/s → 212 / 236 tok/s (2.5–2.7×; ~11 → ~4.7 s a step; busier runs: 27–55 → 130–214).
     The new code in the old layout ran 68–78 tok/s: a CPU is FLOP-bound, so here the gain is the
     padding (3.6× fewer positions, less ~15% more attention work in 512-token rows), not the syncs
+  a 64k-token step (64,546 tokens in 8 micro-batches of 16×512, phase 2): 309 s, 209 tok/s, 1.5%
+    padding: the large-step config runs at the small-step rate on a CPU (on a GPU it is what removes
+    the per-step overhead)
   packed 4k-token steps (4096-position micro-batches), eager, ms a step: student forward 4,600,
     teacher forward 5,400, losses 6,900 / 4,500 (KL and entropy over the 16k vocabulary; phase 1 also
     recomputes every unit's h for router distillation), backward 8,900, and the per-step bookkeeping
