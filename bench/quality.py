@@ -57,33 +57,73 @@ def measure(model, tokenizer, validation, items) -> tuple[dict, dict]:
 
 
 def train_config(rule: str, active: float, tokens: int, args) -> TrainConfig:
+    """One row's training: packed steps of `--step-tokens` (fixed-shape micro-batches), phase 1 for
+    `--phase1-steps`, then phase 2 at the row's unit budget; the same for every row but the rule."""
     return TrainConfig(
         rule=rule, max_tokens=tokens, seed=0, lr=args.lr, router_lr=args.router_lr,
-        data=DataConfig(max_length=512, batch_size=args.batch_size), grad_accum=args.grad_accum,
+        data=DataConfig(max_length=512), step_tokens=args.step_tokens, micro_batch_tokens=args.micro_batch_tokens,
         warmup_steps=args.warmup_steps, kd_tokens="all", validation_per_category=0,
         phase1=Phase1Config(steps=args.phase1_steps),
         phase2=Phase2Config(routing="budget", active_fraction=active),
-        checkpoint_every=0, compile=not args.no_compile, progress=False)
+        checkpoint_every=0, compile=args.compile, progress=False, log_every=25)
+
+
+def loss_curve(log_path: Path, points: int = 200) -> dict:
+    """The run's per-step log thinned to about `points` steps: tokens seen, loss, CE, KD, phase."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    records = records[:: max(1, len(records) // points)] + records[-1:] if records else []
+    return {key: [r[key] for r in records] for key in ("tokens_seen", "loss", "ce", "kd", "phase")}
+
+
+def merge(paths: list[str], out: str) -> None:
+    """One quality JSON from several runs' (rows run in parallel processes): settings and teacher
+    figures must agree; rows are concatenated in the order given."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        for key in ("validation_examples", "eval_items", "train_examples"):
+            if part[key] != first[key]:
+                raise SystemExit(f"{path}: {key} {part[key]!r} differs from {paths[0]}'s {first[key]!r}")
+        teacher, reference = part["teacher_ppl_by_category"], first["teacher_ppl_by_category"]
+        if any(abs(teacher[c] / reference[c] - 1) > 0.01 for c in reference):  # bf16 GPU vs fp32 CPU: < 1%
+            raise SystemExit(f"{path}: the teacher's perplexity differs from {paths[0]}'s by > 1%: not the same data")
+        free = ("rows", "out", "work", "compile")  # compile changes speed, not the trained weights' recipe
+        same = {k: v for k, v in part["settings"].items() if k not in free}
+        if same != {k: v for k, v in first["settings"].items() if k not in free}:
+            raise SystemExit(f"{path}: settings differ from {paths[0]}'s: not the same budget")
+    rows = [{"device": part["device"], **row} for part in parts for row in part["rows"]]
+    merged = {**first, "device": " + ".join(dict.fromkeys(row["device"] for row in rows)),
+              "command": [p["command"] for p in parts], "parts": [Path(p).name for p in paths], "rows": rows}
+    Path(out).write_text(json.dumps(merged, indent=1))
+    print(f"{len(merged['rows'])} rows → {out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plans", required=True)
-    parser.add_argument("--rows", required=True, help="comma-separated PARTITION:TRAINING:ACTIVE")
+    parser.add_argument("--plans", help="DIR with one saved plan per partition")
+    parser.add_argument("--rows", help="comma-separated PARTITION:TRAINING:ACTIVE")
     parser.add_argument("--tokens", type=float, default=20e6, help="training tokens per row")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--step-tokens", type=int, default=65536, help="tokens per optimiser step (packed)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=16384, help="positions per forward/backward")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--router-lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--phase1-steps", type=int, default=150)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--phase1-steps", type=int, default=60)
+    parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher (Inductor)")
     parser.add_argument("--mc-items", type=int, default=0, help="evaluation items to score (0: all; fewer for a smoke run)")
     parser.add_argument("--work", default="/tmp/quality", help="training outputs (checkpoints, logs)")
     parser.add_argument("--out", required=True, help="JSON file the rows are written to (rewritten after each row)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge these quality JSONs into --out and stop")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
+    if not args.plans or not args.rows:
+        parser.error("--plans and --rows are required (or --merge)")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compile:  # each row compiles its student (two routings) and the teacher: room for a few rows
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.accumulated_recompile_limit = 1024
     teacher, tokenizer = load_teacher("builtin", device=device)
     teacher.eval()
     width = ffn_layout(teacher)[0].intermediate_size
@@ -126,7 +166,7 @@ def main() -> None:
                                 Path(args.work) / spec.replace(":", "_"))
         ppl, mc = measure(model, tokenizer, validation, items)
         row = {
-            "partition": partition, "training": training, "active_frac": active,
+            "device": result["device"], "partition": partition, "training": training, "active_frac": active,
             "tokens": summary["tokens"] if summary else 0,
             "ppl_by_category": ppl, "teacher_ppl_by_category": teacher_ppl,
             "ppl_ratio_max": max(ppl[c] / teacher_ppl[c] for c in teacher_ppl if c != "all"),
@@ -135,6 +175,7 @@ def main() -> None:
             "active_unit_fraction": summary["final"]["active_unit_fraction"] if summary and partition != "dense" else None,
             "phase2_start_step": summary["phase2_start_step"] if summary else None,
             "steps": summary["steps"] if summary else 0,
+            "curve": loss_curve(Path(args.work) / spec.replace(":", "_") / "log.jsonl") if summary else None,
             "seconds": round(time.time() - row_started, 1),
         }
         result["rows"].append(row)

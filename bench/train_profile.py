@@ -107,6 +107,7 @@ saved model lives in the ignored stores/runs/ and so is not on a fresh GPU machi
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -305,6 +306,7 @@ def main(argv=None) -> int:
     if args.examples:
         examples = examples[::args.examples]
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "student": args.student, "command": " ".join(sys.argv), "cases": []}
     for spec in args.cases.split(","):
         report["cases"].append(measure_case(spec, args, teacher, tokenizer, examples))

@@ -50,6 +50,14 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
     saved = json.loads((run / "model" / "config.json").read_text())
     assert all(r["unit_budget"] < 0.3 for r in saved["routing"])
 
+    # `tinyonn train` on a tiny budget: phase 1 is capped at half the run, so the saved model is the
+    # phase-2 (budget-routed) one, and the summary says so
+    assert main(["train", "--runs", str(tmp_path), "--run", "smoke", "--train-tokens", "3000"]) == 0
+    summary = json.loads((run / "train" / "summary.json").read_text())
+    assert summary["phase"] == 2 and 0 < summary["phase2_start_step"] <= summary["steps"] // 2
+    trained = json.loads((run / "train" / "model" / "config.json").read_text())
+    assert {r["mode"] for r in trained["routing"]} == {"budget"}
+
 
 def test_stage_without_its_input_is_a_clear_error(tmp_path, capsys):
     assert main(["cluster", "--runs", str(tmp_path), "--run", "empty"]) == 2

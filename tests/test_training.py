@@ -297,6 +297,9 @@ def test_phase_switch_rules():
     assert not phase1_done(converged, 4, [2.0, 1.8, 1.2, 1.0])  # still improving
     assert phase1_done(converged, 4, [1.0, 1.0, 0.99, 0.99])
     assert phase1_done(converged, 100, [3.0, 2.0, 1.0, 0.5])  # the bound
+    capped = Phase1Config(steps=60)  # a 20-step run: phase 1 ends at half of it, so phase 2 runs
+    assert not phase1_done(capped, 9, [], total_steps=20) and phase1_done(capped, 10, [], total_steps=20)
+    assert not phase1_done(Phase1Config(steps=60, max_run_fraction=1.0), 19, [], total_steps=20)
 
 
 def test_phase2_routing_and_budget(teacher):

@@ -218,7 +218,7 @@ def _trained_part(train: TrainConfig | None) -> dict | None:
     if train is None:
         return None
     values = train.to_dict()
-    for name in ("progress", "checkpoint_every", "keep_checkpoints", "device"):
+    for name in ("progress", "checkpoint_every", "keep_checkpoints", "device", "log_every"):
         values.pop(name, None)
     return values
 

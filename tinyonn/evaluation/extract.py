@@ -74,12 +74,14 @@ def collect_router_data(model, examples: list[Example], tokenizer, config: Warmu
         lambda m, args, i=i: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
         for i, layer in enumerate(layers)]
     kept_masks, tokens = [], 0
+    device = next(model.parameters()).device
     all_experts = [dataclasses.replace(routing, mode="all") for routing in model.routing]
     try:
         with model.routing_scope(all_experts):
             for batch in iter_batches(samples, config.data.batch_size, tokenizer.pad_token_id, "right"):
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                kept_masks.append(batch.attention_mask.reshape(-1).bool())
+                mask = batch.attention_mask.to(device)
+                model(input_ids=batch.input_ids.to(device), attention_mask=mask)
+                kept_masks.append(mask.reshape(-1).bool())
                 tokens += int(batch.attention_mask.sum())
                 if tokens >= config.max_tokens:
                     break

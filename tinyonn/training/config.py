@@ -45,6 +45,9 @@ class Phase1Config:
 
     steps: int = 200
     """Length of phase 1 in optimiser steps (with switch="converged" its upper bound); 0 skips it."""
+    max_run_fraction: float = 0.5
+    """Phase 1 never takes more than this fraction of the run's steps (floor), so a short run still
+    reaches phase 2 and saves a sparsely routed model; 1.0 lets `steps` alone decide."""
     switch: str = "steps"
     """"steps": phase 2 starts after `steps`; "converged": after `min_steps`, as soon as the router
     distillation loss's mean over the last `converge_window` steps is less than `converge_tol`
@@ -69,6 +72,7 @@ class Phase1Config:
         _check(self.switch == "steps" or self.router_distill_weight > 0,
                "Phase1Config: switch='converged' watches the router distillation loss: router_distill_weight must be > 0")
         _fraction("Phase1Config", "min_k_fraction", self.min_k_fraction)
+        _fraction("Phase1Config", "max_run_fraction", self.max_run_fraction)
         _fraction("Phase1Config", "top_k_fraction", self.top_k_fraction)
 
 

@@ -32,6 +32,7 @@ import resource
 import shutil
 import signal
 import threading
+import warnings
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -542,7 +543,8 @@ class Trainer:
 
     def _maybe_switch_phase(self) -> None:
         state = self.state
-        if state.phase == 1 and phase1_done(self.config.phase1, state.phase1_steps, state.distill_history):
+        if state.phase == 1 and phase1_done(self.config.phase1, state.phase1_steps, state.distill_history,
+                                            len(self.plan)):
             state.phase, state.phase2_start = 2, state.step
             self._set_phase_routing()
 
@@ -584,6 +586,13 @@ class Trainer:
         return self._finish(resumed_from)
 
     def _finish(self, resumed_from: int | None) -> dict:
+        if self.layers and self.state.phase == 1:  # the run ended inside phase 1: save the phase-2 routing
+            warnings.warn(f"training ended in phase 1 after {self.state.step} steps; the saved model gets the "
+                          "phase-2 routing its routers were trained for (raise the budget or lower phase1.steps)",
+                          stacklevel=3)
+            self.model.set_routing(phase2_routing(self.layers, self.base_routing, self.config.phase2,
+                                                  self.intermediate_size))
+            self.notes["ended_in_phase1"] = True
         cast_parameters(self.model, self.original_dtype)
         self.model.eval()
         after = validation_loss(self.model, self.tokenizer, self.validation, self.eval_data) if self.validation else None

@@ -46,10 +46,17 @@ def phase2_routing(layers, base: Sequence[RoutingConfig], config: Phase2Config,
     return routing
 
 
-def phase1_done(config: Phase1Config, steps_done: int, distill_history: Sequence[float]) -> bool:
+def phase1_length(config: Phase1Config, total_steps: int) -> int:
+    """Phase 1's upper bound in steps: `steps`, at most `max_run_fraction` of the run's steps."""
+    return min(config.steps, int(config.max_run_fraction * total_steps))
+
+
+def phase1_done(config: Phase1Config, steps_done: int, distill_history: Sequence[float],
+                total_steps: int | None = None) -> bool:
     """Whether phase 1 is over after `steps_done` of its steps (`distill_history`: its router
-    distillation losses, one per step)."""
-    if steps_done >= config.steps:
+    distillation losses, one per step; `total_steps`: the run's length, which caps phase 1 at
+    `max_run_fraction` of it)."""
+    if steps_done >= (config.steps if total_steps is None else phase1_length(config, total_steps)):
         return True
     if config.switch == "steps" or steps_done < config.min_steps:
         return False
