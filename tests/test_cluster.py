@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from tinyonn.clustering import ClusterConfig, ExpertPlan, baseline_config, cluster
-from tinyonn.clustering.baselines import balanced_kmeans
+import torch
+
+from tinyonn.clustering import Calibration, ClusterConfig, ExpertPlan, baseline_config, cluster
+from tinyonn.clustering.cmoe import firing, representatives
+from tinyonn.clustering.kmeans import balanced_assign, balanced_kmeans
 from tinyonn.clustering.experts import Expert, even_sizes, layer_plan
 from tinyonn.clustering.features import coactivation
 from tinyonn.clustering.groups import cell_hierarchy
@@ -57,13 +60,14 @@ def planted(seed: int = 0) -> dict[str, np.ndarray]:
             "loss": rng.gamma(3.0, 0.7, N), "n_tokens": rng.integers(5, 50, N)}
 
 
-def write_store(path, data, per_sample: bool = True):
+def write_store(path, data, per_sample: bool = True, down_norm: np.ndarray | None = None):
     u = LAYERS * PER_LAYER
     writer = ScoreStoreWriter.open(
         path, units_layer=np.repeat(np.arange(LAYERS), PER_LAYER), units_index=np.tile(np.arange(PER_LAYER), LAYERS),
         heads_layer=np.zeros(0, np.int16), heads_index=np.zeros(0, np.int16), categories=CATEGORIES,
         sample_category=data["category"], source_index=np.arange(N), chunk_samples=32, per_sample=per_sample,
-        attrs={"fingerprint": "planted", "teacher_config": {"intermediate_size": PER_LAYER}}, unit_chunk=64)
+        attrs={"fingerprint": "planted", "teacher_config": {"intermediate_size": PER_LAYER}}, unit_chunk=64,
+        units_down_norm=down_norm)
     for k in writer.pending_chunks():
         a, b = writer.chunk_range(k)
         writer.write_chunk(k, ChunkStats(act=data["act"][a:b], freq=data["freq"][a:b], grad=data["grad"][a:b],
@@ -214,12 +218,110 @@ def test_random_differs_by_seed_and_is_balanced(store):
     assert kept_sets(a) == kept_sets(b)
 
 
+def test_balanced_assignment_gives_equal_sizes_at_least_cost():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (24, 3)) + np.repeat(rng.normal(0, 4, (3, 3)), [16, 4, 4], axis=0)  # unequal blobs
+    labels, centres, _ = balanced_kmeans(x, x[[0, 16, 20]], [8, 8, 8])
+    assert np.bincount(labels, minlength=3).tolist() == [8, 8, 8]
+    cost = ((x[:, None] - centres[None]) ** 2).sum(2)
+    best = balanced_assign(cost, np.array([8, 8, 8]))
+    assert np.bincount(best).tolist() == [8, 8, 8]
+    # a tiny case against every assignment: 6 points into 2 clusters of 3
+    small = rng.normal(size=(6, 2))
+    d = ((small[:, None] - small[[0, 1]][None]) ** 2).sum(2)
+    import itertools
+    brute = min(sum(d[i, int(i in chosen)] for i in range(6)) for chosen in itertools.combinations(range(6), 3))
+    labels = balanced_assign(d, np.array([3, 3]))
+    assert np.bincount(labels).tolist() == [3, 3] and d[np.arange(6), labels].sum() == pytest.approx(brute)
+    with pytest.raises(ValueError, match="capacities"):
+        balanced_assign(d, np.array([3, 2]))
+
+
 def test_balanced_kmeans_exact_capacities():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 0.1, (30, 5)), rng.normal(3, 0.1, (10, 5))])
     labels, centres, _ = balanced_kmeans(x, x[[0, 35]], [20, 20])
     assert np.bincount(labels).tolist() == [20, 20] and centres.shape == (2, 5)
     assert np.all(labels[30:] == labels[35])  # the small blob stays together
+
+
+# --------------------------------------------------------------------------------------------
+# cmoe
+
+
+def planted_calibration(data, tokens_per_group: int = 60, d: int = 16, seed: int = 0) -> Calibration:
+    """Per-token MLP inputs and FFN weights matching the planted store: tokens come in 4 kinds
+    (one per planted group) plus a direction every token shares; group g's units read direction g,
+    the always-on units the shared one, the noise units nothing much."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0][: GROUPS + 1]  # orthonormal directions
+    kind = np.repeat(np.arange(GROUPS), tokens_per_group)
+    x = 3 * basis[kind] + 2 * basis[GROUPS] + 0.1 * rng.normal(size=(len(kind), d))
+    gates, ups, downs = [], [], []
+    for layer in range(LAYERS):
+        roles = roles_of(data, layer)
+        rows = np.where(roles[:, None] >= 0, basis[np.clip(roles, 0, None)],
+                        np.where(roles[:, None] == ALWAYS, 0.9 * basis[GROUPS], 0.01 * rng.normal(size=(PER_LAYER, d))))
+        rows = rows * rng.uniform(0.9, 1.1, (PER_LAYER, 1))
+        gates.append(torch.tensor(rows, dtype=torch.float32))
+        ups.append(torch.tensor(rows, dtype=torch.float32))
+        downs.append(torch.tensor(rng.normal(size=(d, PER_LAYER)), dtype=torch.float32))
+    inputs = tuple(torch.tensor(x, dtype=torch.float32) for _ in range(LAYERS))
+    return Calibration(layers=tuple(range(LAYERS)), inputs=inputs, gate=tuple(gates), up=tuple(ups), down=tuple(downs))
+
+
+CMOE_CONFIG = replace(PLAN_CONFIG, method="cmoe", experts_per_layer=GROUPS, firing_top_k=20 / 64)
+"""K_a = 20 of 64: a token's 12 group units and 8 always-on units fire."""
+
+
+def test_firing_marks_each_tokens_top_units():
+    h = torch.tensor([[0.1, -3.0, 2.0, 0.5], [4.0, 0.0, -0.2, 1.0]])
+    assert firing(h, 2).tolist() == [[0, 1, 1, 0], [1, 0, 0, 1]]
+
+
+def test_cmoe_recovers_planted_groups_and_shared_units(store, data):
+    calibration = planted_calibration(data)
+    with pytest.raises(ValueError, match="calibration"):
+        cluster(store, CMOE_CONFIG)
+    plan = cluster(store, CMOE_CONFIG, calibration)
+    plan.validate()
+    assert plan.method == "cmoe" and plan.info["cmoe"]["calibration_tokens"] == GROUPS * 60
+    for lp in plan.layers:
+        roles = roles_of(data, lp.layer)
+        assert np.all(roles[lp.shared_units] == ALWAYS)  # highest firing rate → shared
+        assert lp.expert_sizes.tolist() == [12] * GROUPS  # equal experts
+        labels = np.repeat(np.arange(lp.num_experts), lp.expert_sizes)
+        assert adjusted_rand_score(roles[lp.units], labels) == pytest.approx(1.0)
+    # the same budget as the other methods: the same units kept, as many shared per layer
+    other = cluster(store, replace(PLAN_CONFIG, method="random", experts_per_layer=GROUPS))
+    assert [s | r for s, r in kept_sets(plan)] == [s | r for s, r in kept_sets(other)]
+    assert [len(s) for s, _ in kept_sets(plan)] == [len(s) for s, _ in kept_sets(other)]
+
+
+def test_representative_is_the_member_nearest_the_centroid():
+    fires = torch.tensor([[1, 1, 0, 0, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 0]], dtype=torch.float32)
+    unit_expert = torch.tensor([0, 0, 0, 1, 1])  # expert 0: units 0-2 (unit 1 is the middle one)
+    assert representatives(fires, unit_expert, 2).tolist() == [1, 3]
+
+
+def test_output_contribution_feature_block(tmp_path, data):
+    """With down_proj norms in the store, pidiff-hdbscan's features gain the output block
+    (rank of mean |h|·‖W_down[:, j]‖ per layer, then per category centred)."""
+    from tinyonn.clustering.features import unit_features
+
+    u = LAYERS * PER_LAYER
+    down = np.random.default_rng(5).uniform(0.5, 2.0, u)
+    stored = write_store(tmp_path / "down.zarr", data, down_norm=down)
+    features, spans = unit_features(stored, ClusterConfig(**SHARED))
+    a, b = spans["output"].start, spans["output"].stop
+    assert b - a == 1 + len(CATEGORIES)
+    plain, plain_spans = unit_features(stored, ClusterConfig(w_output=0.0, **SHARED))
+    assert "output" not in plain_spans and plain.shape[1] == features.shape[1] - (b - a)
+    # the overall column orders a layer's units as act × down_norm does
+    contribution = stored.summary_of("act") * down
+    layer0 = np.arange(PER_LAYER)
+    column = features[layer0, a]
+    assert np.all(np.diff(column[np.argsort(contribution[layer0])]) >= 0)
 
 
 # --------------------------------------------------------------------------------------------

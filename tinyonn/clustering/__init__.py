@@ -5,11 +5,14 @@ config (ClusterConfig, METHODS) · plan (ExpertPlan, LayerPlan) · units (the st
 budget (shared / routed / pruned units per layer) · profiles (activation profiles) ·
 features (unit features, co-activation, PCA) · experts (Expert, packing into a LayerPlan) ·
 slices (cell slices → sized experts) · groups (Ward tree → router groups) ·
-cells (pidiff-hdbscan) · baselines (random, coact-kmeans) · plot (plot_cells) · cluster (the entry).
+calibration (Calibration: per-token MLP inputs of the teacher) · kmeans (balanced k-means) ·
+cells (pidiff-hdbscan) · baselines (random, coact-kmeans) · cmoe (CMoE-style) · plot (plot_cells) ·
+cluster (the entry).
 """
 
+from tinyonn.clustering.calibration import Calibration, CalibrationConfig
 from tinyonn.clustering.cluster import baseline_config, cluster
 from tinyonn.clustering.config import METHODS, ClusterConfig
 from tinyonn.clustering.plan import ExpertPlan, LayerPlan
 
-__all__ = ["METHODS", "ClusterConfig", "ExpertPlan", "LayerPlan", "baseline_config", "cluster"]
+__all__ = ["METHODS", "Calibration", "CalibrationConfig", "ClusterConfig", "ExpertPlan", "LayerPlan", "baseline_config", "cluster"]

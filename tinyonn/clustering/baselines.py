@@ -1,6 +1,6 @@
 """The baselines, on the same budget as pidiff-hdbscan: "random" (LLaMA-MoE style: routed units
 shuffled into equal experts) and "coact-kmeans" (MoEfication style: balanced k-means per layer on
-the units' activation profiles)."""
+the units' activation profiles; `kmeans.balanced_kmeans`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from tinyonn.clustering.config import ClusterConfig
 from tinyonn.clustering.experts import Expert, even_sizes
+from tinyonn.clustering.kmeans import balanced_kmeans, group_of_centres
 from tinyonn.clustering.profiles import activation_profiles, sample_rows
 from tinyonn.store.zarr_store import ScoreStore
 
@@ -74,57 +75,6 @@ def _kmeans_layer(x: np.ndarray, sizes: list[int], seed: int,
     """(expert of each row of `x`, exactly `sizes` rows per expert; group of each expert; balance rounds)."""
     from sklearn.cluster import KMeans
 
-    count = len(sizes)
-    km = KMeans(n_clusters=count, n_init=3, random_state=seed).fit(x)
+    km = KMeans(n_clusters=len(sizes), n_init=3, random_state=seed).fit(x)
     labels, centres, used = balanced_kmeans(x, km.cluster_centers_, sizes, config.kmeans_iters)
-    groups = min(config.groups_per_layer, count)
-    group_of = (KMeans(n_clusters=groups, n_init=3, random_state=seed).fit_predict(centres)
-                if groups > 1 else np.zeros(count, dtype=np.int64))
-    return labels, group_of, used
-
-
-def balanced_kmeans(x: np.ndarray, centres: np.ndarray, sizes: list[int], iters: int = 10
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Capacity-constrained k-means: labels with exactly `sizes[k]` points per cluster.
-
-    Start from `centres`; the largest capacities go to the clusters k-means filled most. Each round
-    assigns (point, cluster) pairs greedily in order of distance while capacity lasts, then moves
-    the centres to their members' means; stops when labels no longer change. Returns (labels,
-    centres, rounds used).
-    """
-    k = len(centres)
-    d = _sq_dist(x, centres)
-    filled = np.bincount(d.argmin(axis=1), minlength=k)
-    capacity = np.zeros(k, dtype=np.int64)
-    capacity[np.lexsort((np.arange(k), -filled))] = sorted(sizes, reverse=True)
-    labels = None
-    for rounds in range(1, max(1, iters) + 1):
-        new = _greedy_assign(d, capacity)
-        if labels is not None and np.array_equal(new, labels):
-            break
-        labels = new
-        centres = np.stack([x[labels == c].mean(axis=0) if capacity[c] else centres[c] for c in range(k)])
-        d = _sq_dist(x, centres)
-    return labels, centres, rounds
-
-
-def _sq_dist(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """[points, centres] squared Euclidean distances (clipped at 0)."""
-    return np.maximum((x * x).sum(1)[:, None] - 2 * x @ centres.T + (centres * centres).sum(1)[None, :], 0.0)
-
-
-def _greedy_assign(d: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """Each point to the nearest cluster with room, pairs taken in increasing distance."""
-    n, k = d.shape
-    labels = np.full(n, -1, dtype=np.int64)
-    room = capacity.copy()
-    left = n
-    for flat in np.argsort(d, axis=None, kind="stable"):
-        i, c = divmod(int(flat), k)
-        if labels[i] < 0 and room[c] > 0:
-            labels[i] = c
-            room[c] -= 1
-            left -= 1
-            if not left:
-                break
-    return labels
+    return labels, group_of_centres(centres, config.groups_per_layer, seed), used

@@ -1,6 +1,6 @@
 """Concept cells and experts: turn a score store into an `ExpertPlan` (DESIGN.md, "Clusters and experts").
 
-Three methods, one budget. Every method keeps the same units per layer (`budget`: a shared
+Four methods, one budget. Every method keeps the same units per layer (`budget`: a shared
 always-on expert of the broadest units, then the highest-scoring others up to `keep_fraction`) and
 differs only in how the kept routed units are split into experts:
 
@@ -12,6 +12,9 @@ differs only in how the kept routed units are split into experts:
 - "random" (LLaMA-MoE style, `baselines`): routed units shuffled (seeded) into equal experts.
 - "coact-kmeans" (MoEfication style, `baselines`): balanced k-means per layer on the units'
   activation profiles.
+- "cmoe" (CMoE style, `cmoe`): the budget's shared count re-chosen by per-token firing rate, the
+  rest split into equal experts by balanced k-means on firing vectors. Needs a `Calibration`
+  (per-token MLP inputs of the teacher: `Calibration.collect(teacher, tokenizer, examples)`).
 
 Everything is deterministic given `ClusterConfig.seed`. `plot.plot_cells` draws a plan's cells.
 """
@@ -24,7 +27,9 @@ from dataclasses import replace
 
 from tinyonn.clustering.baselines import kmeans_experts, random_experts
 from tinyonn.clustering.budget import budget_info, keep_units
+from tinyonn.clustering.calibration import Calibration
 from tinyonn.clustering.cells import hdbscan_experts
+from tinyonn.clustering.cmoe import cmoe_experts
 from tinyonn.clustering.config import ClusterConfig, Method
 from tinyonn.clustering.experts import layer_plan
 from tinyonn.clustering.plan import ExpertPlan
@@ -32,8 +37,13 @@ from tinyonn.clustering.units import UnitTable, open_store
 from tinyonn.store.zarr_store import ScoreStore
 
 
-def cluster(store: ScoreStore | str | os.PathLike, config: ClusterConfig) -> ExpertPlan:
-    """Build and validate the `ExpertPlan` of `config.method` from a finalized score store."""
+def cluster(store: ScoreStore | str | os.PathLike, config: ClusterConfig,
+            calibration: Calibration | None = None) -> ExpertPlan:
+    """Build and validate the `ExpertPlan` of `config.method` from a finalized score store
+    (and, for "cmoe", the teacher's per-token activations on calibration tokens)."""
+    if config.method == "cmoe" and calibration is None:
+        raise ValueError("method 'cmoe' needs per-token activations: pass calibration="
+                         "tinyonn.clustering.Calibration.collect(teacher, tokenizer, probe_examples)")
     started = time.perf_counter()
     timings: dict[str, float] = {}
     store = open_store(store)
@@ -46,6 +56,8 @@ def cluster(store: ScoreStore | str | os.PathLike, config: ClusterConfig) -> Exp
         experts, cells, method_info = hdbscan_experts(store, units, routed, config, timings)
     elif config.method == "random":
         experts, method_info = random_experts(routed, config), {}
+    elif config.method == "cmoe":
+        kept, experts, method_info = cmoe_experts(calibration, units, kept, config, timings)
     else:
         experts, method_info = kmeans_experts(store, routed, config, timings)
     layers = tuple(layer_plan(layer, units.index, k.shared, layer_experts)

@@ -7,14 +7,14 @@ from typing import Literal, get_args
 
 from tinyonn.store.scores import ScoreConfig
 
-Method = Literal["pidiff-hdbscan", "random", "coact-kmeans"]
+Method = Literal["pidiff-hdbscan", "random", "coact-kmeans", "cmoe"]
 METHODS: tuple[Method, ...] = get_args(Method)
 """Every cluster method, the default first (the CLI's choices, the partitions `evaluate_partitions` compares)."""
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """How units become cells and experts (shared by all three methods unless marked)."""
+    """How units become cells and experts (shared by all methods unless marked)."""
 
     method: Method = "pidiff-hdbscan"
     seed: int = 0
@@ -37,10 +37,10 @@ class ClusterConfig:
     """Expert sizes are rounded to multiples of this where possible (kernel tile)."""
     groups_per_layer: int = 4
     experts_per_layer: int | tuple[int, ...] | None = None
-    """random / coact-kmeans: experts per layer (one int, or one per layer); None: routed units /
-    `expert_size`. Pass a pidiff-hdbscan plan's counts (`baseline_config`) for a fair comparison."""
+    """random / coact-kmeans / cmoe: experts per layer (one int, or one per layer); None: routed
+    units / `expert_size`. Pass a pidiff-hdbscan plan's counts (`baseline_config`) for a fair comparison."""
     expert_size: int = 64
-    """random / coact-kmeans: target expert size when `experts_per_layer` is None."""
+    """random / coact-kmeans / cmoe: target expert size when `experts_per_layer` is None."""
     # -- pidiff-hdbscan features
     w_score: float = 0.5
     """Weight of the score block: rank-normalised score, act, freq, grad (per layer)."""
@@ -50,6 +50,9 @@ class ClusterConfig:
     w_coact: float = 3.0
     """Weight of the co-activation block: the unit's standardised log activation profile over
     samples projected on the top `coact_dims` sample-space components."""
+    w_output: float = 0.5
+    """Weight of the output-contribution block: per-layer rank of the unit's mean |h| times
+    ‖W_down[:, j]‖ (what the unit adds to the layer's output), overall and per category."""
     w_layer: float = 0.5
     """Weight of the layer position layer / (L - 1); small, so cells can span layers."""
     coact_dims: int = 16
@@ -66,7 +69,12 @@ class ClusterConfig:
     """"leaf" gives many fine, homogeneous cells (what experts want); "eom" fewer, larger ones."""
     # -- coact-kmeans
     kmeans_iters: int = 10
-    """Balanced k-means: rounds of (recompute centroids, capacity-constrained reassignment)."""
+    """Balanced k-means (coact-kmeans, cmoe): rounds of (recompute centroids, optimal balanced
+    reassignment)."""
+    # -- cmoe
+    firing_top_k: float = 0.1
+    """cmoe: K_a as a fraction of the layer's units: a unit fires on a token when it is among the
+    token's top K_a units by |h| (per-token activations from a `Calibration`)."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -90,10 +98,12 @@ class ClusterConfig:
         if self.cluster_selection_method not in ("eom", "leaf"):
             raise ValueError(f"ClusterConfig.cluster_selection_method must be eom or leaf, "
                              f"got {self.cluster_selection_method!r}")
-        if min(self.w_score, self.w_category, self.w_coact, self.w_layer) < 0:
+        if min(self.w_score, self.w_category, self.w_coact, self.w_output, self.w_layer) < 0:
             raise ValueError("ClusterConfig feature weights must be >= 0")
         if self.min_samples < 1 or (self.min_cluster_size is not None and self.min_cluster_size < 2):
             raise ValueError("ClusterConfig.min_samples must be >= 1 and min_cluster_size >= 2")
+        if not 0 < self.firing_top_k <= 1:
+            raise ValueError(f"ClusterConfig.firing_top_k must be in (0, 1], got {self.firing_top_k!r}")
         if self.coact_dims < 1 or self.pca_dims < 1 or self.coact_max_samples < 2:
             raise ValueError("ClusterConfig.coact_dims and pca_dims must be >= 1, coact_max_samples >= 2")
 

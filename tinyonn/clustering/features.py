@@ -1,5 +1,5 @@
-"""pidiff-hdbscan's unit features: score block, per-category block, co-activation embedding and
-layer position, each z-scored and weighted; and their principal components."""
+"""pidiff-hdbscan's unit features: score block, per-category block, co-activation embedding,
+output contribution and layer position, each z-scored and weighted; and their principal components."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tinyonn.clustering.units import layer_positions
 from tinyonn.store.scores import ScoreConfig, normalise, score_store, zscore_columns
 from tinyonn.store.zarr_store import ScoreStore
 
-FEATURE_BLOCKS = ("score", "category", "coact", "layer")
+FEATURE_BLOCKS = ("score", "category", "coact", "output", "layer")
 """The feature blocks, in column order."""
 
 
@@ -66,10 +66,12 @@ def unit_features(store: ScoreStore, config: ClusterConfig, score: np.ndarray | 
     blocks = {"score": _score_block(store, score, layer_units), "category": _category_block(store, layer_units)}
     if coact is not None:
         blocks["coact"] = np.asarray(coact, dtype=np.float64)
+    if store.down_norm() is not None and config.w_output > 0:
+        blocks["output"] = _output_block(store, layer_units)
     position = np.searchsorted(layers, layer) / max(1, len(layers) - 1)
     blocks["layer"] = position[:, None].astype(np.float64)
     weights = {"score": config.w_score, "category": config.w_category, "coact": config.w_coact,
-               "layer": config.w_layer}
+               "output": config.w_output, "layer": config.w_layer}
     out, spans, start = [], {}, 0
     for name in FEATURE_BLOCKS:
         if name not in blocks:
@@ -104,6 +106,17 @@ def _category_block(store: ScoreStore, layer_units: tuple[np.ndarray, ...]) -> n
         ranked = np.stack([_rank_per_layer(row, layer_units) for row in table], axis=1)  # [U, C]
         columns.append(ranked - ranked.mean(axis=1, keepdims=True))
     return np.concatenate(columns, axis=1)
+
+
+def _output_block(store: ScoreStore, layer_units: tuple[np.ndarray, ...]) -> np.ndarray:
+    """[U, 1 + C] output contribution mean |h|·‖W_down[:, j]‖ ranked per layer, then the same per
+    category ranked per layer and centred per unit (where the unit writes more than elsewhere)."""
+    down_norm = np.asarray(store.down_norm(), dtype=np.float64)
+    overall = _rank_per_layer(store.summary_of("act").astype(np.float64) * down_norm, layer_units)
+    table = np.stack(list(store.by_category("act").values())).astype(np.float64)  # [C, U]
+    table = table[~np.isnan(table).all(axis=1)]
+    ranked = np.stack([_rank_per_layer(row * down_norm, layer_units) for row in table], axis=1)
+    return np.concatenate([overall[:, None], ranked - ranked.mean(axis=1, keepdims=True)], axis=1)
 
 
 def pca_project(features: np.ndarray, fit_rows: np.ndarray, dims: int, seed: int) -> tuple[np.ndarray, float]:
