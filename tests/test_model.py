@@ -241,3 +241,100 @@ def test_model_compiled_with_tinyonn_matches_eager(teacher):
     calls = [node for graph in tinyonn_compile.compiled_graphs["forward"] for node in graph.graph.nodes
              if node.target == torch.ops.tinyonn.moe_experts.default]
     assert len(calls) == len(model.moe_layers())
+
+
+# ---------------------------------------------------------------- training-free routing state
+
+
+@pytest.fixture(scope="module")
+def calibration(teacher, tiny_tokenizer):
+    from tinyonn.clustering import Calibration, CalibrationConfig
+    from tinyonn.data import load_probe_set
+
+    return Calibration.collect(teacher, tiny_tokenizer, load_probe_set("builtin", "train")[::500],
+                               CalibrationConfig(max_tokens=600))
+
+
+def analytic_model(teacher, calibration, plan=None, routing=RoutingConfig(mode="all", router="analytic")):
+    from tinyonn.model.calibrate import init_analytic_router
+
+    model = assemble(teacher, plan or full_plan(2, 128, 8, groups=3, seed=0), routing)
+    init_analytic_router(model, calibration)
+    return model
+
+
+def test_analytic_router_with_every_expert_reproduces_the_teacher(teacher, calibration):
+    from tinyonn.model.calibrate import calibrate_compensation
+
+    model = analytic_model(teacher, calibration)
+    tokens = ids(200)
+    with torch.no_grad():
+        expected = teacher(tokens).logits
+        assert (model(tokens).logits - expected).abs().max() < 1e-4
+        # compensation is computed (non-zero for sparse routing) but a token routed to every expert gets none
+        with model.routing_scope(RoutingConfig(mode="topk", top_k=2, router="analytic")):
+            calibrate_compensation(model, calibration)
+        assert all(layer.compensation.abs().sum() > 0 for layer in model.moe_layers())
+        with model.routing_scope(RoutingConfig(mode="all", router="analytic", compensate=True)):
+            assert (model(tokens).logits - expected).abs().max() < 1e-4
+
+
+def test_analytic_router_scores_by_representative_units(teacher, calibration):
+    from tinyonn.clustering.cmoe import firing, representatives
+
+    model = analytic_model(teacher, calibration)
+    layer = model.moe_layers()[0]
+    x = calibration.inputs[0]
+    h = torch.cat([layer.dense_h(x), torch.zeros(len(x), 0)], dim=1)
+    rep = representatives(firing(h, round(0.1 * 128)), layer.unit_expert, layer.num_experts)
+    assert torch.equal(layer.router.rep_gate, layer.w_gate[rep]) and torch.equal(layer.router.rep_up, layer.w_up[rep])
+    assert all(int(layer.unit_expert[r]) == e for e, r in enumerate(rep.tolist()))  # each its own expert's
+    with torch.no_grad():
+        expected = (F.silu(x @ layer.w_gate[rep].T) * (x @ layer.w_up[rep].T)).abs().log_softmax(-1)
+        assert torch.allclose(layer.router.scores(x), expected, atol=1e-5)
+    assert (layer.router.expert_group == 0).all()  # one flat softmax over the experts
+
+
+def test_compensation_adds_each_unrouted_experts_mean_output(teacher, calibration):
+    from tinyonn.model.calibrate import calibrate_compensation
+
+    routing = RoutingConfig(mode="topk", top_k=3, router="analytic")
+    model = analytic_model(teacher, calibration, sparse_plan(), routing)
+    layer = model.moe_layers()[1]
+    with torch.no_grad():
+        calibrate_compensation(model, calibration)
+        x = calibration.inputs[1]
+        mask = layer.select(x).mask
+        h = layer.dense_h(x)
+        for e in range(layer.num_experts):
+            a, b = layer.expert_offsets[e], layer.expert_offsets[e + 1]
+            unused = mask[:, e] == 0
+            expected = (h[unused, a:b] @ layer.w_down[a:b]).mean(0)
+            assert torch.allclose(layer.compensation[e], expected, atol=1e-5)
+        tokens = torch.randn(7, 64)
+        plain = layer(tokens)
+        model.set_routing(dataclasses.replace(routing, compensate=True))
+        compensated = layer(tokens)
+        assert torch.allclose(compensated - plain, (1 - layer.select(tokens).mask) @ layer.compensation, atol=1e-5)
+
+
+def test_bias_balancing_evens_the_load_and_state_round_trips(teacher, calibration, tmp_path):
+    from tinyonn.model.calibrate import AnalyticConfig, balance_router_bias, calibrate_compensation
+
+    routing = RoutingConfig(mode="topk", top_k=2, router="analytic", compensate=True)
+    model = analytic_model(teacher, calibration, routing=routing)
+    report = balance_router_bias(model, calibration, AnalyticConfig(balance_steps=200))
+    for layer_report in report:
+        assert layer_report["load_max_over_mean"] < layer_report["load_max_over_mean_before"]
+        assert layer_report["load_max_over_mean"] < 1.6
+    calibrate_compensation(model, calibration)
+    tokens = ids(200)
+    with torch.no_grad():
+        reference = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.routing == (routing,) * 2
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, reference)

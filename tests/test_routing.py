@@ -154,6 +154,12 @@ def test_router_init_is_seeded_and_config_validated():
     b.reset_parameters(torch.Generator().manual_seed(7))
     assert torch.equal(a.main, b.main) and torch.equal(a.sub, b.sub)
     assert a.main.shape == (2, 16) and a.sub.shape == (3, 16) and 0 < a.sub.std() < 0.05
+    analytic = HierarchicalRouter(16, [0, 1, 1], "analytic")  # one flat softmax; bias and linear part start at 0
+    assert analytic.num_groups == 1 and analytic.expert_group.tolist() == [0, 0, 0]
+    assert all(getattr(analytic, name).abs().sum() == 0 for name in ("main", "sub", "bias"))
+    x = torch.randn(5, 16)
+    rep = (torch.nn.functional.silu(x @ analytic.rep_gate.T) * (x @ analytic.rep_up.T)).abs()
+    assert torch.allclose(analytic.scores(x), rep.log_softmax(-1), atol=1e-5)
     for bad in (dict(mode="sometimes"), dict(router="tree"), dict(top_k=0), dict(unit_budget=0.0),
                 dict(k_min=3, k_max=2), dict(top_p=0.0)):
         with pytest.raises(ValueError):

@@ -8,6 +8,11 @@ kept and every expert selected the layer is the teacher's MLP; each unit's h is 
 backward. `moe_forward` is the stateless computation (the dense masked reference: every unit is
 computed, then masked), which the `tinyonn` compile backend rewrites into the ragged kernels.
 
+With `RoutingConfig.compensate`, every expert a token does not use adds its mean output (the
+`compensation` buffer [E, d], a bias per expert set by `tinyonn.model.calibrate`); a token that
+uses every expert gets no compensation. It is a separate term after the masked expert product,
+which stays the pattern the compile backend matches.
+
 The layer's routing policy (`self.routing`) is set only by `TinyONNForCausalLM.set_routing`; its
 routing decisions are the router module's outputs, which `record_routing` collects (nothing is
 left behind in attributes). This module needs no particular transformers version.
@@ -57,6 +62,8 @@ def _experts_and_routing(params: dict[str, torch.Tensor], buffers: dict[str, tor
         p = out.scores.exp()
         expert_weight = expert_weight * (1 + p - p.detach())
     y = (h * expert_weight[:, unit_expert].to(h.dtype)) @ params["w_down"]
+    if routing.compensate:
+        y = y + (1 - out.mask).to(y.dtype) @ buffers["compensation"].to(y.dtype)
     if params["shared_gate"].shape[0]:
         y = y + F.linear(swiglu_units(x, params["shared_gate"], params["shared_up"]), params["shared_down"])
     return y.reshape(shape), out
@@ -68,7 +75,7 @@ def moe_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor
 
     `params`: `w_gate`, `w_up`, `w_down` [U, d], `shared_gate`, `shared_up` [S, d],
     `shared_down` [d, S], `router.*`; `buffers`: `expert_offsets` [E+1], `unit_expert` [U],
-    `router.expert_group` [E]. A `mask` [N, E] replaces the router's selection.
+    `compensation` [E, d], `router.expert_group` [E]. A `mask` [N, E] replaces the router's selection.
     Dense reference: all units are computed and h is multiplied by each unit's expert weight.
     """
     router_params = {name[7:]: value for name, value in params.items() if name.startswith("router.")}
@@ -97,6 +104,9 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_offsets", torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]))
         self.register_buffer("unit_expert", torch.repeat_interleave(torch.arange(len(sizes)), sizes,
                                                                    output_size=units))
+        self.register_buffer("compensation", torch.zeros(len(sizes), hidden_size))
+        """[E, d] each expert's mean output, added for the experts a token does not use when the
+        routing says `compensate` (zeros until `tinyonn.model.calibrate.calibrate_compensation`)."""
         self.router = HierarchicalRouter(hidden_size, expert_group, routing.router, routing.router_hidden)
         self.routing = routing
         """This layer's routing policy; set through `TinyONNForCausalLM.set_routing`."""
@@ -116,6 +126,15 @@ class MoELayer(nn.Module):
         """h of every routed unit for tokens x [N, d] → [N, U] (what oracle routing and router
         distillation measure)."""
         return swiglu_units(x, self.w_gate, self.w_up)
+
+    def select(self, x: torch.Tensor, routing: RoutingConfig | None = None) -> RouterOutput:
+        """The routing this layer gives tokens x [N, d] (its own routing, or `routing`), without the
+        experts' output: what the forward would select."""
+        routing = routing or self.routing
+        oracle = None
+        if routing.mode == "oracle":
+            oracle = torch.log(expert_mass(self.dense_h(x), self.w_down, self.unit_expert, self.num_experts) + 1e-30)
+        return self.router(x, routing, self.expert_sizes, oracle)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         params, buffers = dict(self.named_parameters()), dict(self.named_buffers())

@@ -16,6 +16,16 @@ group, so `scores.exp()` sums to 1 over the experts. Selection turns scores into
 A caller may also pass an explicit `mask` to `route` (functional use, tests).
 
 With `top_groups > 0` only experts of the token's best `top_groups` groups can be selected.
+
+Router kinds: "linear" (x → logits), "mlp" (x → silu(x·W_hidden) → logits), and "analytic", which
+needs no training: each expert is scored by its representative teacher unit,
+|silu(x·g_rep)·(x·u_rep)|, plus a per-expert `bias` (set by a load-balancing calibration, no
+auxiliary loss) plus a linear term `sub` that starts at 0 (so warm-up can start from it). The
+analytic router scores the experts flat: it has one group, and its scores are a softmax over all
+experts (`tinyonn.model.calibrate` sets its units and bias).
+
+`RoutingConfig.compensate` adds, for every expert a token does not use, that expert's mean output
+(the MoE layer's `compensation` buffer, set by `tinyonn.model.calibrate`).
 Everything is a pure function of tensors; `HierarchicalRouter` only holds the weights, and
 `route(params, buffers, x, config)` is the stateless forward that `tinyonn.model.moe_layer` calls.
 Which routing a model uses is explicit state of the model (`TinyONNForCausalLM.set_routing`): one
@@ -34,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("topk", "budget", "dynamic", "all", "oracle")
-ROUTERS = ("linear", "mlp")
+ROUTERS = ("linear", "mlp", "analytic")
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,14 @@ class RoutingConfig:
     unit_budget: float = 0.25
     """For "budget" and "oracle": fraction of the layer's routed units allowed active per token."""
     router: str = "linear"
-    """"linear" (x → logits) or "mlp" (x → silu(x·W_hidden) → logits)."""
+    """"linear" (x → logits), "mlp" (x → silu(x·W_hidden) → logits) or "analytic" (representative
+    units' |h| + bias + linear; see the module docstring)."""
     router_hidden: int = 256
     """Hidden width of the "mlp" router."""
     straight_through: bool = True
     """Multiply each selected unit by 1 + p − p.detach() (value 1, gradient to the router)."""
+    compensate: bool = False
+    """Add each unselected expert's mean output (the layer's `compensation` buffer) to the output."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -113,10 +126,15 @@ def hierarchical_scores(group_logits: torch.Tensor, expert_logits: torch.Tensor,
 
 
 def router_logits(params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router weights (`main` [G, h], `sub` [E, h], `hidden` [h, d] for the mlp router) and
-    tokens x [N, d] → (group logits [N, G], expert logits [N, E])."""
+    """Router weights (`main` [G, h], `sub` [E, h], `hidden` [h, d] for the mlp router; `rep_gate`,
+    `rep_up` [E, d] and `bias` [E] for the analytic one) and tokens x [N, d] → (group logits
+    [N, G], expert logits [N, E])."""
     features = F.silu(F.linear(x, params["hidden"])) if "hidden" in params else x
-    return F.linear(features, params["main"]), F.linear(features, params["sub"])
+    expert_logits = F.linear(features, params["sub"])
+    if "rep_gate" in params:
+        rep = F.silu(F.linear(x, params["rep_gate"])) * F.linear(x, params["rep_up"])
+        expert_logits = expert_logits + rep.abs() + params["bias"]
+    return F.linear(features, params["main"]), expert_logits
 
 
 # ---------------------------------------------------------------- selection
@@ -222,7 +240,9 @@ def route(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: 
 
 class HierarchicalRouter(nn.Module):
     """One layer's router weights: main router `main` [G, h] (groups), sub-routers `sub` [E, h]
-    (one linear whose logits are read per group), and for the "mlp" router `hidden` [h, d].
+    (one linear whose logits are read per group), for the "mlp" router `hidden` [h, d], for the
+    "analytic" router `rep_gate`, `rep_up` [E, d] and `bias` [E] (one group: `expert_group` is all 0,
+    `main` and `sub` start at 0).
 
     It holds weights only: the routing policy (`RoutingConfig`) is passed to each call, so the
     model's per-layer routing has one home (`TinyONNForCausalLM.set_routing`)."""
@@ -231,7 +251,7 @@ class HierarchicalRouter(nn.Module):
         super().__init__()
         if kind not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {kind!r}")
-        expert_group = [int(group) for group in expert_group]
+        expert_group = [0] * len(expert_group) if kind == "analytic" else [int(group) for group in expert_group]
         self.kind = kind
         self.num_groups = max(expert_group) + 1
         width = hidden if kind == "mlp" else d
@@ -239,14 +259,22 @@ class HierarchicalRouter(nn.Module):
             self.hidden = nn.Parameter(torch.empty(width, d))
         self.main = nn.Parameter(torch.empty(self.num_groups, width))
         self.sub = nn.Parameter(torch.empty(len(expert_group), width))
+        if kind == "analytic":
+            self.rep_gate = nn.Parameter(torch.empty(len(expert_group), d))
+            self.rep_up = nn.Parameter(torch.empty(len(expert_group), d))
+            self.bias = nn.Parameter(torch.empty(len(expert_group)))
         self.register_buffer("expert_group", torch.tensor(expert_group, dtype=torch.int64))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """Small random weights (drawn on the CPU from `generator` so a seed gives the same router
-        on any device); the mlp router's hidden layer gets a fan-in scaled init."""
+        on any device); the mlp router's hidden layer gets a fan-in scaled init; the analytic
+        router's `main`, `sub` and `bias` start at 0 (its units come from `tinyonn.model.calibrate`)."""
         with torch.no_grad():
             for name, param in self.named_parameters():
+                if self.kind == "analytic" and name in ("main", "sub", "bias"):
+                    param.zero_()
+                    continue
                 scale = 1 / math.sqrt(param.shape[1]) if name == "hidden" else std
                 draw = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
                 param.copy_(draw)
