@@ -19,6 +19,7 @@ LAYERS = (
     ("tinyonn.model", "tinyonn.kernels", "tinyonn.compile"),
     ("tinyonn.evaluation",),
     ("tinyonn.training",),
+    ("tinyonn.explain",),
     ("tinyonn.pipeline",),
     ("tinyonn.cli", "tinyonn"),
 )

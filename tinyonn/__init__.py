@@ -19,6 +19,7 @@ from tinyonn.data import (
     per_sample_loss,
     read_examples,
 )
+from tinyonn.explain import ExplainConfig, explain, write_report
 from tinyonn.errors import DataFormatError, TeacherNotFoundError, TinyONNError, UnsupportedArchitectureError
 from tinyonn.model.assemble import assemble
 from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM  # registers "tinyonn" with the Auto classes
@@ -36,5 +37,5 @@ __all__ = [
     "iter_batches", "load_eval_set", "load_probe_set", "load_teacher", "per_sample_loss", "probe",
     "ProbeConfig", "read_examples", "RoutingConfig", "run_pipeline", "RunConfig", "EvalConfig", "score_store", "ScoreConfig", "ScoreStore",
     "TeacherNotFoundError", "TinyONNConfig", "TinyONNError", "TinyONNForCausalLM",
-    "UnsupportedArchitectureError",
+    "UnsupportedArchitectureError", "ExplainConfig", "explain", "write_report",
 ]
