@@ -18,8 +18,8 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
     assert main(run_args) == 0
     out = capsys.readouterr().out
     assert "12,288 FFN units" in out
-    assert "stages: probe ran, cluster ran, assemble ran, evaluate ran" in out
-    assert "not built yet: explain" in out
+    assert "stages: probe ran, cluster ran, assemble ran, evaluate ran, explain ran" in out
+    assert not re.search(r"not built yet:.*explain", out)
     match = re.search(r"teacher ([0-9.]+); TinyONN at 50% of FFN units per token \(oracle routing\) ([0-9.]+)", out)
     assert match and 1 < float(match.group(1)) < float(match.group(2))
     run = tmp_path / "smoke"
@@ -37,15 +37,24 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
 
     # the same config again: nothing is redone
     assert main(run_args) == 0
-    assert "stages: probe skipped, cluster skipped, assemble skipped, evaluate skipped  (nothing to redo)" \
-        in capsys.readouterr().out
+    assert "stages: probe skipped, cluster skipped, assemble skipped, evaluate skipped, explain skipped  " \
+        "(nothing to redo)" in capsys.readouterr().out
     # one stage by its own command, with the run's settings: a changed partition reruns cluster,
     # and then `run` redoes exactly the stages downstream of it
     assert main(["cluster", "--runs", str(tmp_path), "--run", "smoke", "--method", "random"]) == 0
     assert json.loads((run / "plan" / "plan.json").read_text())["method"] == "random"
     assert main([*run_args, "--method", "random"]) == 0
-    assert "stages: probe skipped, cluster skipped, assemble ran, evaluate ran" in capsys.readouterr().out
+    assert "stages: probe skipped, cluster skipped, assemble ran, evaluate ran, explain ran" in capsys.readouterr().out
     assert main(["evaluate", "--runs", str(tmp_path), "--run", "smoke"]) == 0
+    # `tinyonn explain` with a hand-written label: the report shows it, the stage record has its hash
+    explained = json.loads((run / "report" / "explain.json").read_text())
+    assert (run / "report" / "index.html").is_file() and explained["model_dir"] == "model"
+    (tmp_path / "labels.json").write_text(json.dumps({"L2·E0": "hand-written"}))
+    assert main(["explain", "--runs", str(tmp_path), "--run", "smoke", "--labels", str(tmp_path / "labels.json")]) == 0
+    explained = json.loads((run / "report" / "explain.json").read_text())
+    assert [e["label"] for e in explained["experts"] if e["expert"] == "L2·E0"] == ["L2·E0 — hand-written"]
+    assert "L2·E0 — hand-written" in (run / "report" / "index.html").read_text()
+    assert json.loads((run / "stages" / "explain.json").read_text())["inputs"]["labels"] is not None
     assert main(["assemble", "--runs", str(tmp_path), "--run", "smoke", "--active-fraction", "0.25"]) == 0
     saved = json.loads((run / "model" / "config.json").read_text())
     assert all(r["unit_budget"] < 0.3 for r in saved["routing"])

@@ -21,7 +21,7 @@ from tinyonn.errors import TinyONNError
 if TYPE_CHECKING:  # the pipeline is imported on use: the CLI starts fast
     from tinyonn.pipeline import RunConfig
 
-PLANNED_STAGES = ("explain", "release")
+PLANNED_STAGES = ("release",)
 """Stages of DESIGN.md's pipeline not built yet (listed by `tinyonn run`)."""
 
 
@@ -47,6 +47,8 @@ def run_config(args) -> RunConfig:
                if getattr(args, name, None) is not None}
     if cluster:
         changes["cluster"] = dataclasses.replace(base.cluster or ClusterConfig(), **cluster)
+    if getattr(args, "labels", None) is not None:
+        changes["explain"] = dataclasses.replace(base.explain, labels=args.labels)
     if getattr(args, "no_train", False):
         changes["train"] = None
     else:
@@ -102,7 +104,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    """Run one pipeline stage (`cluster`, `assemble`, `train` or `evaluate`) on a run folder."""
+    """Run one pipeline stage (`cluster`, `assemble`, `train`, `evaluate` or `explain`) on a run folder."""
     from tinyonn.pipeline import STAGE_FUNCTIONS
 
     config = run_config(args)
@@ -238,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     _teacher_options(ev)
     ev.add_argument("--data", default=None, help="the data the run probed ('builtin' by default)")
     ev.set_defaults(func=cmd_stage)
+
+    xp = sub.add_parser("explain", help="what the run's experts do: heatmaps, unit map, labels, report/index.html")
+    _run_folder_options(xp)
+    xp.add_argument("--labels", default=None, help="JSON of hand-written expert labels ({\"L3·E5\": \"...\"}; "
+                    "default: the run folder's labels.json)")
+    xp.set_defaults(func=cmd_stage)
 
     ex = sub.add_parser("extract", help="compare partitions at a budget (oracle and warmed router)")
     ex.add_argument("--teacher", default="builtin")

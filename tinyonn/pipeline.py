@@ -1,7 +1,8 @@
 """The pipeline as an API: one `RunConfig` for a whole run, stage functions over the run folder.
 
     teacher ─ probe ─→ scores.zarr ─ cluster ─→ plan/ ─ assemble ─→ model/ ─ train ─→ train/model/
-                                                                       ─ evaluate ─→ report/
+                                                                       ─ evaluate ─→ report/evaluate.json
+                                                                       ─ explain ─→ report/explain.json, index.html
 
 `run_pipeline(RunConfig(...))` writes the config to `<runs_dir>/<run>/run_config.json` and calls the
 stages in order. Each stage is a function `stage(config) -> Path` that reads its inputs from the run
@@ -29,10 +30,11 @@ from typing import Literal
 from tinyonn.clustering import ClusterConfig
 from tinyonn.config import DataConfig, ProbeConfig
 from tinyonn.errors import TinyONNError
+from tinyonn.explain.config import ExplainConfig
 from tinyonn.files import write_text_atomic
 from tinyonn.training.config import Phase1Config, Phase2Config, TrainConfig
 
-STAGES = ("probe", "cluster", "assemble", "train", "evaluate")
+STAGES = ("probe", "cluster", "assemble", "train", "evaluate", "explain")
 """The stages `run_pipeline` chains, in order (train only when `RunConfig.train` is set)."""
 
 
@@ -87,6 +89,9 @@ class RunConfig:
     """How the assembled model is trained (its phase 2 routes within `active_fraction`); None: the
     saved, evaluated model is the training-free one."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    """What the explain stage measures (held-out examples per category, projection) and the
+    expert-label override file."""
     prompt: str = 'What does the word "harbour" mean?'
     """A chat prompt the teacher and the model answer in the evaluation report."""
 
@@ -209,6 +214,10 @@ def _stage_inputs(config: RunConfig, stage: str) -> dict:
         upstream = "train" if config.train is not None else "assemble"
         return {upstream: _upstream(run_dir, upstream), "teacher": config.teacher, "quant": config.quant,
                 "data": config.data, "eval": dataclasses.asdict(config.eval), "prompt": config.prompt}
+    if stage == "explain":
+        labels = config.explain.labels or run_dir / "labels.json"
+        return {"evaluate": _upstream(run_dir, "evaluate"), "explain": dataclasses.asdict(config.explain),
+                "labels": hashlib.sha256(Path(labels).read_bytes()).hexdigest()[:16] if Path(labels).is_file() else None}
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
@@ -433,9 +442,25 @@ def evaluate_stage(config: RunConfig, log=print) -> Path:
     return _run_stage(config, "evaluate", body, log)
 
 
+def explain_stage(config: RunConfig, log=print) -> Path:
+    """What the saved model's experts do on the held-out examples (`tinyonn.explain`) →
+    `report/explain.json` and its PNGs, then the offline `report/index.html` of the whole run."""
+    from tinyonn.explain import explain, write_report
+
+    def body(config: RunConfig) -> list[Path]:
+        _, held_out = _examples(config)
+        explain(config.run_dir, config.explain, examples=held_out, log=log)
+        report = config.run_dir / "report"
+        return [report / "explain.json", write_report(config.run_dir), report / "explain"]
+
+    path = _run_stage(config, "explain", body, log)
+    write_report(config.run_dir)  # again, now that the stage times include this one
+    return path
+
+
 STAGE_FUNCTIONS: dict[str, Callable[..., Path]] = {
     "probe": probe_stage, "cluster": cluster_stage, "assemble": assemble_stage, "train": train_stage,
-    "evaluate": evaluate_stage}
+    "evaluate": evaluate_stage, "explain": explain_stage}
 
 
 def run_pipeline(config: RunConfig, log=print) -> dict:

@@ -52,7 +52,7 @@ def cell(value) -> str:
     elif isinstance(value, int):
         text = f"{value:,}"
     elif isinstance(value, float):
-        text = f"{value:.4g}" if value == value else "NaN"
+        text = "NaN" if value != value else f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
     elif isinstance(value, list):
         text = ", ".join(cell(v) for v in value)
     elif isinstance(value, dict):
@@ -98,7 +98,7 @@ def json_tables(data, title: str) -> list[str]:
             groups.setdefault(tuple(value), []).append(key)
     for keys, names in groups.items():
         out += [f"<h3>{html.escape(title)}: {html.escape(', '.join(names))}</h3>",
-                table(["", *names], [[k, *(data[n][k] for n in names)] for k in keys])]
+                table(["key", *names], [[k, *(data[n][k] for n in names)] for k in keys])]
     grouped = {name for names in groups.values() for name in names}
     for key, value in data.items():
         if not _is_flat(value) and key not in grouped:
