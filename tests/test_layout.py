@@ -19,7 +19,7 @@ LAYERS = (
     ("tinyonn.model", "tinyonn.kernels", "tinyonn.compile"),
     ("tinyonn.evaluation",),
     ("tinyonn.training",),
-    ("tinyonn.explain",),
+    ("tinyonn.explain", "tinyonn.release"),
     ("tinyonn.pipeline",),
     ("tinyonn.cli", "tinyonn"),
 )

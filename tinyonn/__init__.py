@@ -19,6 +19,7 @@ from tinyonn.data import (
     per_sample_loss,
     read_examples,
 )
+from tinyonn.evaluation.evaluate import EvaluateConfig, evaluate
 from tinyonn.explain import ExplainConfig, explain, write_report
 from tinyonn.errors import DataFormatError, TeacherNotFoundError, TinyONNError, UnsupportedArchitectureError
 from tinyonn.model.assemble import assemble
@@ -26,6 +27,7 @@ from tinyonn.model.modeling import TinyONNConfig, TinyONNForCausalLM  # register
 from tinyonn.model.routing import RoutingConfig
 from tinyonn.pipeline import EvalConfig, RunConfig, run_pipeline
 from tinyonn.probe import probe
+from tinyonn.release import ReleaseConfig, release
 from tinyonn.store import ScoreConfig, ScoreStore, score_store
 from tinyonn.teacher import FFNLayer, dequantize, ffn_layout, load_teacher
 
@@ -37,5 +39,6 @@ __all__ = [
     "iter_batches", "load_eval_set", "load_probe_set", "load_teacher", "per_sample_loss", "probe",
     "ProbeConfig", "read_examples", "RoutingConfig", "run_pipeline", "RunConfig", "EvalConfig", "score_store", "ScoreConfig", "ScoreStore",
     "TeacherNotFoundError", "TinyONNConfig", "TinyONNError", "TinyONNForCausalLM",
-    "UnsupportedArchitectureError", "ExplainConfig", "explain", "write_report",
+    "UnsupportedArchitectureError", "ExplainConfig", "explain", "write_report", "evaluate", "EvaluateConfig",
+    "release", "ReleaseConfig",
 ]
