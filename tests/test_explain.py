@@ -23,10 +23,12 @@ from tinyonn.config import ProbeConfig
 from tinyonn.errors import TinyONNError
 from tinyonn.explain.cells import SHARED, cell_spans, plan_units
 from tinyonn.explain.labels import auto_label, dominant_categories, load_overrides, token_kind
+from tinyonn.explain.projection import project_units, projection_method, unit_features
 from tinyonn.explain.report import MISSING, json_tables, write_report
 from tinyonn.explain.routing import RoutingRecord, pick_examples
 from tinyonn.explain.specialisation import coactivation, domain_share, layer_summary, token_specialisation
 from tinyonn.probe import probe
+from tinyonn.store import ScoreStore
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [
@@ -131,6 +133,38 @@ def test_explain_measures_the_saved_models_own_routing(run_dir, explained, tiny_
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100, name
     on_disk = json.loads((run_dir / "report" / "explain.json").read_text())
     assert on_disk["experts"] == json.loads(json.dumps(explained["experts"]))
+
+
+def test_projection_takes_umap_when_installed_and_category_features_without_per_sample_arrays(run_dir, monkeypatch):
+    import importlib.machinery
+    import types
+
+    class UMAP:  # stands in for umap-learn: the first two feature columns
+        def __init__(self, n_components, random_state, n_neighbors):
+            assert (n_components, random_state) == (2, 3)
+
+        def fit_transform(self, x):
+            return x[:, :2]
+
+    fake = types.ModuleType("umap")
+    fake.__spec__ = importlib.machinery.ModuleSpec("umap", None)
+    fake.UMAP = UMAP
+    monkeypatch.setitem(sys.modules, "umap", fake)
+    store = ScoreStore.open(run_dir / "scores.zarr")
+    units = plan_units(ExpertPlan.load(run_dir / "plan"))
+    projection = project_units(store, units, max_units=40, max_samples=100, method="auto", seed=3)
+    assert projection.method == "umap" and projection.xy.shape == (40, 2) and len(set(projection.units)) == 40
+    assert projection_method("tsne") == "tsne"
+    # a store probed without per-sample arrays: each unit's per-category act, freq and grad
+    monkeypatch.setattr(ScoreStore, "has_per_sample", property(lambda self: False))
+    rows = np.array([0, 5])
+    features, described = unit_features(store, units, rows, 100)
+    layers, indices = store.units()
+    position = [int(np.flatnonzero((layers == units.layer[r]) & (indices == units.index[r]))[0]) for r in rows]
+    expected = [[store.by_category(stat)[c][p] for stat in ("act", "freq", "grad") for c in store.categories]
+                for p in position]
+    np.testing.assert_allclose(features, np.log1p(np.abs(expected)), rtol=1e-6)
+    assert described == "per-category act, freq and grad"
 
 
 def _record(masks: list[list[list[int]]], category: list[int], token_ids: list[int]) -> RoutingRecord:

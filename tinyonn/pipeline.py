@@ -449,7 +449,8 @@ def explain_stage(config: RunConfig, log=print) -> Path:
 
     def body(config: RunConfig) -> list[Path]:
         _, held_out = _examples(config)
-        explain(config.run_dir, config.explain, examples=held_out, log=log)
+        model_dir = config.run_dir / ("train/model" if config.train is not None else "model")  # what evaluate measured
+        explain(config.run_dir, config.explain, examples=held_out, model_dir=model_dir, log=log)
         report = config.run_dir / "report"
         return [report / "explain.json", write_report(config.run_dir), report / "explain"]
 

@@ -40,7 +40,7 @@ def saved_model_dir(run_dir: Path) -> Path:
     report = run_dir / "report" / "evaluate.json"
     if report.is_file():
         named = json.loads(report.read_text()).get("model_dir")
-        if named and (run_dir / named / "config.json").is_file():
+        if named and (run_dir / named / "config.json").is_file():  # relative to the run, or absolute
             return run_dir / named
     for candidate in ("train/model", "model"):
         if (run_dir / candidate / "config.json").is_file():
@@ -63,9 +63,10 @@ def held_out_examples(run_dir: Path) -> list[Example]:
 
 
 def explain(run_dir: str | Path, config: ExplainConfig = ExplainConfig(), examples: Sequence[Example] | None = None,
-            log=print) -> dict:
+            model_dir: str | Path | None = None, log=print) -> dict:
     """Explain a run's saved model (see the module docstring); returns what `report/explain.json` holds.
-    `examples`: the held-out examples to read (default: the run's own held-out set)."""
+    `examples`: the held-out examples to read (default: the run's own held-out set); `model_dir`:
+    the model to explain (default: `saved_model_dir(run_dir)`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tinyonn.model.modeling  # noqa: F401  (registers "tinyonn" with the Auto classes)
@@ -81,14 +82,15 @@ def explain(run_dir: str | Path, config: ExplainConfig = ExplainConfig(), exampl
                                f"--runs {run_dir.parent}` first")
     plan = ExpertPlan.load(run_dir / "plan")
     store = ScoreStore.open(run_dir / "scores.zarr")
-    model_dir = saved_model_dir(run_dir)
+    model_dir = Path(model_dir) if model_dir is not None else saved_model_dir(run_dir)
+    shown = str(model_dir.relative_to(run_dir)) if model_dir.is_relative_to(run_dir) else str(model_dir)
     labels_path = config.labels or (run_dir / "labels.json" if (run_dir / "labels.json").is_file() else None)
     overrides = load_overrides(labels_path)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     picked = pick_examples(held_out_examples(run_dir) if examples is None else examples, config.per_category)
-    log(f"[explain] routing of {model_dir.relative_to(run_dir)} on {len(picked)} held-out examples")
+    log(f"[explain] routing of {shown} on {len(picked)} held-out examples")
     record = record_model_routing(model, tokenizer, picked, DataConfig(max_length=config.max_length,
                                                                         batch_size=config.batch_size))
     seconds["routing"] = time.time() - started
@@ -120,7 +122,7 @@ def explain(run_dir: str | Path, config: ExplainConfig = ExplainConfig(), exampl
     seconds["total"] = time.time() - started
 
     result = {
-        "model_dir": str(model_dir.relative_to(run_dir)), "examples": record.examples, "tokens": record.n_tokens,
+        "model_dir": shown, "examples": record.examples, "tokens": record.n_tokens,
         "categories": list(record.categories),
         "tokens_per_category": {c: int((record.category == i).sum()) for i, c in enumerate(record.categories)},
         "labels_file": str(labels_path) if labels_path else None,
