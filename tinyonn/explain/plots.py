@@ -84,10 +84,10 @@ def plot_cell_layers(spans: list[dict], layers: list[int], path: Path) -> Path:
         for layer, units in span["units_per_layer"].items():
             table[row, column[int(layer)]] = units
     fig, ax = plt.subplots(figsize=(2 + 0.5 * len(layers), 1.2 + 0.18 * len(table)), constrained_layout=True)
-    image = ax.imshow(table, aspect="auto", cmap="magma_r", interpolation="nearest")
+    image = ax.imshow(np.ma.masked_equal(table, 0), aspect="auto", cmap="magma_r", interpolation="nearest", vmin=0)
     ax.set_xticks(range(len(layers)), [f"L{l}" for l in layers])
     ax.set_yticks(range(len(spans)), [f"cell {s['cell']}" for s in spans], fontsize=7)
-    ax.set_title("routed units of each concept cell per layer")
+    ax.set_title("routed units of each concept cell per layer (blank: none)")
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     return _save(fig, path)
 
