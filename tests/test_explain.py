@@ -31,6 +31,7 @@ from tinyonn.probe import probe
 from tinyonn.store import ScoreStore
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "scripts" / "screenshot_report.py"
 PAIRS = [
     ("What does the word harbour mean?", "A sheltered port where ships can stay."),
     ("Calculate: 23 + 19", "42 and 7 times 6 is 42"),
@@ -93,22 +94,32 @@ def test_explain_measures_the_saved_models_own_routing(run_dir, explained, tiny_
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
     samples, _ = encode_examples(tokenizer, _examples(12, offset=100), DataConfig(max_length=256))
-    # the same counts, measured directly: tokens per category routed to each expert of each layer
-    routed = {}
+    # the same numbers, measured directly one unpadded sample at a time: tokens per category routed
+    # to each expert of each layer, and the summed mean |h| of each expert's units (from the layer input)
+    routed, activation, inputs = {}, {}, []
+    layers = model.moe_layers()
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0][0])) for layer in layers]
     with torch.no_grad():
         for sample in samples:
+            inputs.clear()
             out = model(input_ids=torch.tensor([sample.input_ids]), output_router_logits=True)
             response = torch.tensor(sample.labels) != -100
-            for layer, r in enumerate(out.router_outputs):
-                counts = r.mask[response].sum(0)
+            for layer, (r, x, moe) in enumerate(zip(out.router_outputs, inputs, layers)):
                 key = (layer, sample.category)
-                routed[key] = routed.get(key, 0) + counts
-    tokens = {c: sum(int((torch.tensor(s.labels) != -100).sum()) for s in samples if s.category == c) for c in CATEGORIES}
+                routed[key] = routed.get(key, 0) + r.mask[response].sum(0)
+                h = (torch.nn.functional.silu(x @ moe.w_gate.T) * (x @ moe.w_up.T)).abs()[response]
+                per_expert = torch.stack([h[:, moe.unit_expert == e].mean(1) for e in range(moe.num_experts)], 1)
+                activation[key] = activation.get(key, 0) + per_expert.sum(0)
+    for hook in hooks:
+        hook.remove()
+    tokens = {c: sum(int((torch.tensor(s.labels) != -100).sum()) for s in samples if s.category == c)
+              for c in CATEGORIES}
     assert explained["tokens_per_category"] == tokens and explained["tokens"] == sum(tokens.values())
     for e in explained["experts"]:
         for c in CATEGORIES:
             assert e["routing_share"][c] == pytest.approx(float(routed[e["layer"], c][e["index"]]) / tokens[c])
-        assert all(v > 0 for v in e["mean_activation"].values())
+            assert e["mean_activation"][c] == pytest.approx(float(activation[e["layer"], c][e["index"]]) / tokens[c],
+                                                            rel=1e-4)
         assert e["label"].startswith(e["expert"] + " — ")
     for layer, summary in zip(plan.layers, explained["layers"]):
         assert summary["mean_selected"] == 1.0  # top-1: one expert a token
@@ -181,6 +192,7 @@ def test_specialisation_metrics_on_a_known_routing():
     np.testing.assert_allclose(token_specialisation(record, 0, min_count=2, top=1), [1.0, 0.5, 0.5])
     summary = layer_summary(record, 0, min_count=2, top=1)
     assert summary["uniform_rate"] == pytest.approx(1 / 3) and summary["mean_selected"] == 1.0
+    assert summary["domain_peak_share"] == pytest.approx((1 + 0.5 + 0.5) / 3)
     assert summary["domain_peak_ratio"] == pytest.approx((1 + 0.5 + 0.5) / 3 * 3)
     assert summary["experts_2x_uniform"] == 1 and summary["never_selected"] == 0
     assert summary["coactivation_peak"] == 0.0 and summary["coactivation_uniform"] == 0.0
@@ -279,7 +291,7 @@ def test_report_has_every_image_and_every_cell_filled(run_dir, explained):
 
 
 def _chromium_or_skip():
-    spec = importlib.util.spec_from_file_location("screenshot_report", ROOT / "tests" / "scripts" / "screenshot_report.py")
+    spec = importlib.util.spec_from_file_location("screenshot_report", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     if script.chromium_binary() is None:
@@ -308,7 +320,7 @@ def test_report_renders_in_headless_chromium(run_dir, explained, tmp_path):
     assert page.tables >= 8 and all(page.cells)
     # the screenshot script, as a user runs it
     shot = tmp_path / "report.png"
-    subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "screenshot_report.py"), str(report / "index.html"),
-                    str(shot), "--window-size", "1200,1600"], check=True, capture_output=True, timeout=180)
+    subprocess.run([sys.executable, str(SCRIPT), str(report / "index.html"), str(shot), "--window-size", "1200,1600"],
+                   check=True, capture_output=True, timeout=180)
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (1600, 1200) and pixels[..., :3].std() > 0.05  # not a blank page

@@ -69,7 +69,7 @@ def explain(run_dir: str | Path, config: ExplainConfig = ExplainConfig(), exampl
     the model to explain (default: `saved_model_dir(run_dir)`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import tinyonn.model.modeling  # noqa: F401  (registers "tinyonn" with the Auto classes)
+    import tinyonn.model.modeling  # noqa: F401  # registers "tinyonn" with the Auto classes
     from tinyonn.explain import plots  # matplotlib and t-SNE load only when a run is explained
     from tinyonn.explain.projection import project_units
 

@@ -116,7 +116,7 @@ def plot_specialisation(summaries: list[dict], layers: list[int], path: Path) ->
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), constrained_layout=True)
     def values(key): return [s[key] for s in summaries]
     uniform = values("uniform_rate")
-    panels = [("peak domain share (mean over experts)", [s["domain_peak_ratio"] * s["uniform_rate"] for s in summaries], uniform),
+    panels = [("peak domain share (mean over experts)", values("domain_peak_share"), uniform),
               ("token-id specialisation", values("token_specialisation"), uniform),
               ("peak co-activation P(j|i)", values("coactivation_peak"), values("coactivation_uniform"))]
     for ax, (title, measured, baseline) in zip(axes, panels):

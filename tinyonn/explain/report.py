@@ -140,15 +140,17 @@ def _explain_section(explain: dict, report_dir: Path) -> list[str]:
         "coactivation": "Co-activation: P(expert j selected | expert i selected), per layer.",
     }
     out = ["<h2>Explain</h2>",
-           f"<p class=note>{explain.get('examples', MISSING)} held-out examples, {explain.get('tokens', MISSING)} response "
-           f"tokens, model <code>{html.escape(str(explain.get('model_dir')))}</code>; labels file: "
+           f"<p class=note>{explain.get('examples', MISSING)} held-out examples, "
+           f"{explain.get('tokens', MISSING)} response tokens, model "
+           f"<code>{html.escape(str(explain.get('model_dir')))}</code>; labels file: "
            f"{html.escape(str(explain.get('labels_file') or 'none'))}.</p>"]
     for key, src in images.items():
         if (report_dir / src).is_file():
             out.append(_figure(src, captions.get(key, key)))
     layers = explain.get("layers", [])
     if layers:
-        header = ["layer", "experts", "mean_selected", "uniform_rate", "domain_share_max", "domain_peak_ratio",
+        header = ["layer", "experts", "mean_selected", "uniform_rate", "domain_share_max", "domain_peak_share",
+                  "domain_peak_ratio",
                   "experts_2x_uniform", "token_specialisation", "coactivation_peak", "coactivation_uniform",
                   "never_selected"]
         out += ["<h3>Specialisation per layer</h3>", table(header, [[row.get(h) for h in header] for row in layers])]
@@ -184,7 +186,8 @@ def write_report(run_dir: str | Path) -> Path:
         body += ["<h2>Stage times</h2>", table(["stage", "seconds", "outputs", "fingerprint"], stages)]
     figures = []
     if (run_dir / "plan" / "cells.png").is_file():
-        figures.append(_figure(os.path.relpath(run_dir / "plan" / "cells.png", report_dir), "The plan's concept cells."))
+        cells_png = os.path.relpath(run_dir / "plan" / "cells.png", report_dir)
+        figures.append(_figure(cells_png, "The plan's concept cells."))
     explain = _read_json(report_dir / "explain.json")
     drawn = set(explain.get("images", {}).values()) if isinstance(explain, dict) else set()
     for png in sorted(report_dir.rglob("*.png")):
@@ -196,8 +199,8 @@ def write_report(run_dir: str | Path) -> Path:
             continue
         data = _read_json(path)
         if data is not None:
-            body += [f"<h2>{html.escape(path.stem.capitalize())} <small class=note>({html.escape(path.name)})</small></h2>",
-                     *json_tables(data, path.stem)]
+            title = f"{html.escape(path.stem.capitalize())} <small class=note>({html.escape(path.name)})</small>"
+            body += [f"<h2>{title}</h2>", *json_tables(data, path.stem)]
     if figures:
         body += ["<h2>Figures</h2>", *figures]
     if isinstance(explain, dict):

@@ -91,6 +91,7 @@ def layer_summary(record: RoutingRecord, layer: int, min_count: int, top: int) -
     return {
         "experts": int(experts), "mean_selected": k, "uniform_rate": uniform,
         "domain_share_max": float(share.max()) if share.size else 0.0,
+        "domain_peak_share": float(share.max(axis=0).mean()) if share.size else 0.0,
         "domain_peak_ratio": float((share.max(axis=0) / uniform).mean()) if uniform else 0.0,
         "experts_2x_uniform": int((share.max(axis=0) >= 2 * uniform).sum()) if uniform else 0,
         "token_specialisation": float(np.nanmean(tokens)) if np.isfinite(tokens).any() else 0.0,
