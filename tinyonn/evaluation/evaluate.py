@@ -105,12 +105,16 @@ def _length_sorted(tokenizer, examples: Sequence[Example], max_length: int) -> l
 
 
 def _mc_overall(mc: dict[str, dict]) -> dict:
+    """The categories' results pooled over items."""
     scored = [v for v in mc.values() if v["accuracy"] is not None]
     n = sum(v["mc_items"] for v in scored)
-    return {"items": sum(v["items"] for v in mc.values()), "mc_items": n,
-            "accuracy": sum(v["accuracy"] * v["mc_items"] for v in scored) / n if n else None,
-            "chance": sum(v["chance"] * v["mc_items"] for v in scored) / n if n else None,
-            "ref_nll": sum(v["ref_nll"] * v["items"] for v in mc.values()) / max(sum(v["items"] for v in mc.values()), 1)}
+    items = sum(v["items"] for v in mc.values())
+
+    def pooled(key: str) -> float | None:
+        return sum(v[key] * v["mc_items"] for v in scored) / n if n else None
+
+    return {"items": items, "mc_items": n, "accuracy": pooled("accuracy"), "accuracy_total": pooled("accuracy_total"),
+            "chance": pooled("chance"), "ref_nll": sum(v["ref_nll"] * v["items"] for v in mc.values()) / max(items, 1)}
 
 
 def _measure(model, tokenizer, held_out: Sequence[Example], items: Sequence[dict], config: EvaluateConfig,

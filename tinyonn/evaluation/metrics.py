@@ -107,9 +107,10 @@ def _choice_sequences(tokenizer, item: dict, max_length: int) -> list[tuple[list
 
 
 @torch.no_grad()
-def multiple_choice_eval(model, tokenizer, items: Sequence[dict], batch_size: int = 32,
-                         max_length: int = 1024) -> dict[str, dict]:
-    """Per category: accuracy over multiple-choice items, chance, mean NLL of the reference answer."""
+def choice_loglikelihoods(model, tokenizer, items: Sequence[dict], batch_size: int = 32,
+                          max_length: int = 1024) -> list[list[tuple[float, int]]]:
+    """Per item, per candidate answer: (total log-likelihood of the answer's tokens given the chat
+    prompt, number of answer tokens)."""
     from tqdm.auto import tqdm
 
     device = _device_of(model)
@@ -132,12 +133,21 @@ def multiple_choice_eval(model, tokenizer, items: Sequence[dict], batch_size: in
         token_lp = logprobs.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
         for row, (_, _, ids, n) in enumerate(chunk):
             logp_sum[order[start + row]] = float(token_lp[row, len(ids) - 1 - n : len(ids) - 1].sum())
-    by_item: dict[int, list[tuple[float, int]]] = defaultdict(list)
-    for r, (i, j, _, n) in enumerate(rows):
-        by_item[i].append((logp_sum[r], n))
+    by_item: list[list[tuple[float, int]]] = [[] for _ in items]
+    for r, (i, _, _, n) in enumerate(rows):
+        by_item[i].append((float(logp_sum[r]), n))
+    return by_item
+
+
+@torch.no_grad()
+def multiple_choice_eval(model, tokenizer, items: Sequence[dict], batch_size: int = 32,
+                         max_length: int = 1024) -> dict[str, dict]:
+    """Per category: accuracy over multiple-choice items (the best answer by length-normalised
+    log-likelihood), chance, mean NLL of the reference answer; and `accuracy_total`, the best answer
+    by total log-likelihood (lm-evaluation-harness's `acc`)."""
+    by_item = choice_loglikelihoods(model, tokenizer, items, batch_size, max_length)
     stats: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for i, item in enumerate(items):
-        scored = by_item[i]
+    for item, scored in zip(items, by_item):
         answer = candidate_answers(item)[1]
         total_lp, n = scored[answer]
         s = stats[item["category"]]
@@ -145,6 +155,7 @@ def multiple_choice_eval(model, tokenizer, items: Sequence[dict], batch_size: in
         if item.get("choices") and len(item["choices"]) > 1:
             best = int(np.argmax([lp / m for lp, m in scored]))
             s["correct"].append(best == answer)
+            s["correct_total"].append(int(np.argmax([lp for lp, _ in scored])) == answer)
             s["chance"].append(1.0 / len(item["choices"]))
     out = {}
     for category in sorted(stats):
@@ -153,6 +164,7 @@ def multiple_choice_eval(model, tokenizer, items: Sequence[dict], batch_size: in
             "items": len(s["ref_nll"]),
             "mc_items": len(s["correct"]),
             "accuracy": float(np.mean(s["correct"])) if s["correct"] else None,
+            "accuracy_total": float(np.mean(s["correct_total"])) if s["correct_total"] else None,
             "chance": float(np.mean(s["chance"])) if s["chance"] else None,
             "ref_nll": float(np.mean(s["ref_nll"])),
         }
