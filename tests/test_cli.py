@@ -20,7 +20,8 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
     assert "12,288 FFN units" in out
     assert "stages: probe ran, cluster ran, assemble ran, evaluate ran, explain ran" in out
     assert not re.search(r"not built yet:.*explain", out)
-    match = re.search(r"teacher ([0-9.]+); TinyONN at 50% of FFN units per token \(oracle routing\) ([0-9.]+)", out)
+    match = re.search(r"teacher ([0-9.]+); TinyONN at 50% of FFN units per token "
+                      r"\(learned routing \+ compensation\) ([0-9.]+)", out)
     assert match and 1 < float(match.group(1)) < float(match.group(2))
     run = tmp_path / "smoke"
     assert (run / "scores.zarr" / "zarr.json").is_file()
@@ -28,11 +29,24 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
     assert (run / "model" / "config.json").is_file()
     config = json.loads((run / "run_config.json").read_text())
     assert config["probe_samples"] == 40 and config["cluster"]["method"] == "pidiff-hdbscan"
-    # the saved model is the measured one: its config routes by the oracle within 50% of the units
+    # the saved model is the measured one: its router picks experts within 50% of the units, with
+    # compensation, and reloading it gives the perplexity the run printed
     saved = json.loads((run / "model" / "config.json").read_text())
-    assert {r["mode"] for r in saved["routing"]} == {"oracle"}
+    assert {(r["mode"], r["router"], r["compensate"]) for r in saved["routing"]} == {("budget", "analytic", True)}
     report = json.loads((run / "report" / "evaluate.json").read_text())
     assert abs(report["model_ppl"]["all"] - float(match.group(2))) < 0.01
+    from transformers import AutoModelForCausalLM
+
+    from tinyonn.config import DataConfig
+    from tinyonn.evaluation.metrics import heldout_perplexity
+    from tinyonn.pipeline import RunConfig, _examples
+    from tinyonn.teacher import load_teacher
+
+    config = RunConfig.load(run / "run_config.json")
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    ppl = heldout_perplexity(reloaded, load_teacher("builtin")[1], _examples(config)[1],
+                             DataConfig(max_length=config.eval.max_length), config.eval.batch_size)
+    assert f"{ppl['all']['ppl']:.2f}" == match.group(2)
     assert 0.3 < report["measured_active_fraction"] <= 0.5  # what the saved model really runs
 
     # the same config again: nothing is redone

@@ -38,7 +38,8 @@ def run_config(args) -> RunConfig:
     else:
         base = RunConfig()
     changes = {name: getattr(args, name) for name in ("run", "teacher", "quant", "data", "prompt",
-                                                      "active_fraction", "routing") if getattr(args, name, None) is not None}
+                                                      "active_fraction", "routing", "compensation")
+               if getattr(args, name, None) is not None}
     if getattr(args, "runs", None) is not None:
         changes["runs_dir"] = args.runs
     if getattr(args, "samples", None) is not None:
@@ -116,13 +117,11 @@ def cmd_stage(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    """Compare the partitions at a budget of active units (oracle and warmed router)."""
-    from tinyonn.evaluation.extract import WarmupConfig, evaluate_partitions, report_table
+    """Compare the partitions × routings × compensation at budgets of active units, training-free."""
+    from tinyonn.evaluation.extract import evaluate_partitions, report_table
 
     run_dir = Path(args.runs) / args.run
-    report = evaluate_partitions(run_dir / "scores.zarr", args.teacher, run_dir,
-                                 active_fraction=args.active_fraction,
-                                 warmup=WarmupConfig(max_tokens=args.warmup_tokens),
+    report = evaluate_partitions(run_dir / "scores.zarr", args.teacher, run_dir, fractions=tuple(args.active_fraction),
                                  eval_per_category=args.eval_per_category or None, data=args.data)
     print(report_table(report))
     print(f"report: {run_dir / 'report' / 'extract.json'}")
@@ -176,8 +175,10 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--active-fraction", type=float, default=None,
                         help="FFN units active per token, shared + routed (default 0.5)")
-    parser.add_argument("--routing", default=None, choices=["oracle", "budget"],
-                        help="how the saved model picks experts (default oracle)")
+    parser.add_argument("--routing", default=None, choices=["analytic", "learned", "oracle"],
+                        help="how the saved model picks experts (default learned: the analytic router warmed up)")
+    parser.add_argument("--compensation", default=None, action=argparse.BooleanOptionalAction,
+                        help="add each unselected expert's mean output (default on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,13 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the run folder's labels.json)")
     xp.set_defaults(func=cmd_stage)
 
-    ex = sub.add_parser("extract", help="compare partitions at a budget (oracle and warmed router)")
+    ex = sub.add_parser("extract", help="compare partitions × routings × compensation at budgets, training-free")
     ex.add_argument("--teacher", default="builtin")
     ex.add_argument("--data", default="builtin", help="probe data whose held-out split is evaluated")
     ex.add_argument("--run", default="default")
     ex.add_argument("--runs", default="stores/runs")
-    ex.add_argument("--active-fraction", type=float, default=0.5)
-    ex.add_argument("--warmup-tokens", type=int, default=60_000)
+    ex.add_argument("--active-fraction", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ex.add_argument("--eval-per-category", type=int, default=100, help="0: the whole validation split")
     ex.set_defaults(func=cmd_extract)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tinyonn.clustering import ClusterConfig
+from tinyonn.clustering import CalibrationConfig, ClusterConfig
 from tinyonn.config import DataConfig, ProbeConfig
 from tinyonn.errors import TinyONNError
 from tinyonn.explain.config import ExplainConfig
@@ -82,9 +82,17 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     active_fraction: float = 0.5
     """Fraction of the teacher's FFN units active per token in the saved model (shared + routed)."""
-    routing: Literal["oracle", "budget"] = "oracle"
-    """How the saved model picks experts within that budget: "oracle" (the experts of largest
-    activation mass, computed from the layer's dense activations) or "budget" (its router)."""
+    routing: Literal["oracle", "analytic", "learned"] = "learned"
+    """How the saved model picks experts within that budget (`tinyonn.evaluation.extract.convert`):
+    "analytic" (each expert scored by its representative unit, a load-balancing bias; no training),
+    "learned" (that router warmed up on the teacher's per-token expert mass), or "oracle" (the
+    experts of largest activation mass from the layer's dense activations: the best any router
+    could do, not a sparse model)."""
+    compensation: bool = True
+    """Add each unselected expert's mean output (calibrated for the model's routing)."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """The calibration tokens (from the probed examples) that the analytic router, its warm-up,
+    compensation and the "cmoe" partition read."""
     train: TrainConfig | None = field(default_factory=small_train_config)
     """How the assembled model is trained (its phase 2 routes within `active_fraction`); None: the
     saved, evaluated model is the training-free one."""
@@ -104,8 +112,8 @@ class RunConfig:
             raise ValueError(f"RunConfig.probe_samples must be ≥ 0, got {self.probe_samples}")
         if not 0 < self.active_fraction <= 1:
             raise ValueError(f"RunConfig.active_fraction must be in (0, 1], got {self.active_fraction}")
-        if self.routing not in ("oracle", "budget"):
-            raise ValueError(f"RunConfig.routing must be oracle or budget, got {self.routing!r}")
+        if self.routing not in ("oracle", "analytic", "learned"):
+            raise ValueError(f"RunConfig.routing must be oracle, analytic or learned, got {self.routing!r}")
 
     @property
     def run_dir(self) -> Path:
@@ -202,10 +210,14 @@ def _stage_inputs(config: RunConfig, stage: str) -> dict:
                 "probe_samples": config.probe_samples, "probe": dataclasses.asdict(config.probe),
                 "holdout_every": config.eval.holdout_every}
     if stage == "cluster":
-        return {"probe": _upstream(run_dir, "probe"), "cluster": dataclasses.asdict(config.cluster)}
+        inputs = {"probe": _upstream(run_dir, "probe"), "cluster": dataclasses.asdict(config.cluster)}
+        if config.cluster.method == "cmoe":
+            inputs["calibration"] = dataclasses.asdict(config.calibration)
+        return inputs
     if stage == "assemble":
         return {"cluster": _upstream(run_dir, "cluster"), "teacher": config.teacher, "quant": config.quant,
-                "active_fraction": config.active_fraction, "routing": config.routing}
+                "active_fraction": config.active_fraction, "routing": config.routing,
+                "compensation": config.compensation, "calibration": dataclasses.asdict(config.calibration)}
     if stage == "train":
         return {"assemble": _upstream(run_dir, "assemble"), "teacher": config.teacher, "quant": config.quant,
                 "data": config.data, "active_fraction": config.active_fraction,
@@ -277,6 +289,24 @@ def _teacher(source: str, quant: str):
     return load_teacher(source, quant=quant)
 
 
+_CALIBRATION: dict[str, object] = {}
+
+
+def _calibration(config: RunConfig):
+    """The teacher's MLP inputs on calibration tokens from the probed examples (kept in memory for
+    the next stage of the same process)."""
+    from tinyonn.clustering import Calibration
+
+    key = fingerprint([config.teacher, config.quant, config.data, config.probe_samples, config.eval.holdout_every,
+                       dataclasses.asdict(config.calibration)])
+    if key not in _CALIBRATION:
+        teacher, tokenizer = _teacher(config.teacher, config.quant)
+        examples, _ = _examples(config)
+        _CALIBRATION.clear()
+        _CALIBRATION[key] = Calibration.collect(teacher, tokenizer, examples, config.calibration)
+    return _CALIBRATION[key]
+
+
 def _examples(config: RunConfig) -> tuple[list, list]:
     """(probe examples, held-out evaluation examples) of the run's data."""
     from tinyonn.data import load_probe_set
@@ -325,7 +355,7 @@ def cluster_stage(config: RunConfig, log=print) -> Path:
     def body(config: RunConfig) -> list[Path]:
         log(f"[cluster] {config.cluster.method}")
         store = ScoreStore.open(config.run_dir / "scores.zarr")
-        plan = cluster(store, config.cluster)
+        plan = cluster(store, config.cluster, _calibration(config) if config.cluster.method == "cmoe" else None)
         tmp = config.run_dir / "plan.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         plan.save(tmp)
@@ -338,26 +368,32 @@ def cluster_stage(config: RunConfig, log=print) -> Path:
 
 
 def assemble_stage(config: RunConfig, log=print) -> Path:
-    """The TinyONN model of the plan, routed within `active_fraction` as `routing` says → `model/`."""
+    """The training-free TinyONN model of the plan (`tinyonn.evaluation.extract.convert`): analytic
+    router from calibration tokens (warmed up for "learned"), routed within `active_fraction` as
+    `routing` says, with output compensation if `compensation` → `model/` (+ `conversion.json`).
+    The saved routing state is the one the evaluate stage measures."""
     from tinyonn.clustering import ExpertPlan
-    from tinyonn.evaluation.extract import budget_routing, routed_budgets
-    from tinyonn.model.assemble import assemble
-    from tinyonn.teacher import ffn_layout
+    from tinyonn.evaluation.extract import convert
 
     def body(config: RunConfig) -> list[Path]:
-        log(f"[assemble] TinyONN model, {config.active_fraction:.0%} of FFN units per token ({config.routing} routing)")
+        log(f"[assemble] TinyONN model, {config.active_fraction:.0%} of FFN units per token ({routing_label(config)})")
         teacher, tokenizer = _teacher(config.teacher, config.quant)
-        model = assemble(teacher, ExpertPlan.load(config.run_dir / "plan"))
-        width = ffn_layout(teacher)[0].intermediate_size
-        model.set_routing(budget_routing(model, routed_budgets(model, config.active_fraction, width), config.routing))
+        model, info = convert(teacher, ExpertPlan.load(config.run_dir / "plan"), _calibration(config),
+                              config.active_fraction, config.routing, config.compensation)
         tmp = config.run_dir / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "conversion.json").write_text(json.dumps(info, indent=1))
         _replace_dir(tmp, config.run_dir / "model")
         return [config.run_dir / "model"]
 
     return _run_stage(config, "assemble", body, log)
+
+
+def routing_label(config: RunConfig) -> str:
+    """How the training-free model routes, in words ("learned routing + compensation")."""
+    return f"{config.routing} routing" + (" + compensation" if config.compensation else "")
 
 
 def train_stage(config: RunConfig, log=print, resume: bool = True) -> Path:
@@ -424,7 +460,7 @@ def evaluate_stage(config: RunConfig, log=print) -> Path:
                                                                  config.eval.batch_size).items()}
         width = ffn_layout(teacher)[0].intermediate_size
         measured = active_unit_fraction(model, tokenizer, held_out, width, data)
-        routing = f"router, after {config.train.rule.upper()} training" if config.train else f"{config.routing} routing"
+        routing = f"router, after {config.train.rule.upper()} training" if config.train else routing_label(config)
         report = {
             "model_dir": str(model_dir.relative_to(config.run_dir)),
             "active_fraction": config.active_fraction, "measured_active_fraction": measured, "routing": routing,

@@ -1,34 +1,52 @@
-"""From a plan to a measured sparse model: oracle routing, router warm-up, held-out evaluation.
+"""From a plan to a measured sparse model without training, and the table that compares partitions.
 
-- Oracle routing (routing mode "oracle"): at every MoE layer and token, the experts holding the most
-  activation mass of the layer's own dense computation (|h_j| · ‖W_down[:, j]‖ summed over the
-  expert's units), taken in descending order within the unit budget. It is the best a router could
-  do for this partition.
-- Router warm-up: experts frozen, each layer's router learns from the teacher which experts hold
-  the most activation mass per token (soft targets: the normalised mass over experts); recall@k
-  says how many of the oracle's top-k experts the router's top-k finds.
-- `evaluate_partitions` builds the same budget three ways (PIDiff-guided HDBSCAN, random split,
-  co-activation balanced k-means) and reports held-out perplexity per category for each, with
-  oracle routing and with the warmed router, into `report/extract.json`.
+- Budget routing: per layer, the routed units a token may use so that shared + routed units stay
+  within a fraction of the teacher's FFN units (`routed_budgets`, `budget_routing`).
+- Routings compared: "oracle" (the experts holding the most activation mass of the layer's own
+  dense computation, |h_j|·‖W_down[:, j]‖ summed over the expert: the best any router could do for
+  the partition), "analytic" (each expert scored by its representative unit's |h|, with a
+  load-balancing bias: no training, `tinyonn.model.calibrate`) and "learned" (the analytic router
+  warmed up: experts frozen, the router fits each token's normalised expert mass, `warm_up_routers`).
+- Output compensation on or off: each expert a token does not use adds its mean output over the
+  calibration tokens on which it is not selected (`calibrate_compensation`).
+- `convert` builds one such model (what a pipeline run saves); `evaluate_partitions` builds every
+  partition once and measures every (routing, compensation, active fraction) row of it: held-out
+  perplexity per category beside the teacher's and the conversion time, into `report/extract.json`.
+
+Every perplexity here is `response_perplexity`: exp of the token-weighted mean NLL of the response
+tokens, per category and "all" (DESIGN.md, "One evaluation protocol"), computed on length-sorted
+batches with the LM head applied only at the scored positions (the same numbers as
+`tinyonn.evaluation.metrics.heldout_perplexity` up to float rounding, in a fraction of the time).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import math
+import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from tinyonn.clustering.calibration import Calibration, CalibrationConfig
 from tinyonn.clustering.config import METHODS
 from tinyonn.config import DataConfig
-from tinyonn.data import Example, encode_examples, iter_batches
+from tinyonn.data import EncodedSample, Example, collate, encode_examples, iter_batches, per_sample_loss
+from tinyonn.model.calibrate import (AnalyticConfig, balance_router_bias, calibrate_compensation, clear_compensation,
+                                     init_analytic_router)
 from tinyonn.model.moe_layer import expert_mass
 from tinyonn.model.routing import RoutingConfig
+
+Routing = Literal["oracle", "analytic", "learned"]
+ROUTINGS: tuple[Routing, ...] = ("oracle", "analytic", "learned")
+PARTITIONS = METHODS
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,7 @@ class WarmupConfig:
     """Router warm-up: experts frozen, routers fit the teacher's per-token expert mass."""
 
     max_tokens: int = 60_000
+    """`collect_router_data`: tokens read (the calibration-based warm-up uses the calibration's)."""
     epochs: int = 4
     batch_tokens: int = 2048
     lr: float = 3e-3
@@ -43,6 +62,9 @@ class WarmupConfig:
     recall_k: int = 4
     seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(max_length=256, batch_size=16))
+
+
+# ---------------------------------------------------------------- budgets
 
 
 def budget_routing(model, budgets: list[float], mode: str = "budget") -> list[RoutingConfig]:
@@ -62,6 +84,13 @@ def routed_budgets(model, active_fraction: float, intermediate_size: int) -> lis
         shared = layer.shared_gate.shape[0]
         budgets.append(max(active_fraction * intermediate_size - shared, 0.0))
     return budgets
+
+
+def with_compensation(routing: Sequence[RoutingConfig], compensate: bool) -> list[RoutingConfig]:
+    return [dataclasses.replace(r, compensate=compensate) for r in routing]
+
+
+# ---------------------------------------------------------------- router warm-up
 
 
 @torch.no_grad()
@@ -89,12 +118,20 @@ def collect_router_data(model, examples: list[Example], tokenizer, config: Warmu
         for hook in hooks:
             hook.remove()
     keep = torch.cat(kept_masks)
-    data = []
-    for layer, xs in zip(layers, inputs):
-        x = torch.cat(xs)[keep]
-        mass = expert_mass(layer.dense_h(x), layer.w_down, layer.unit_expert, layer.num_experts)
-        data.append({"x": x, "target": mass / mass.sum(1, keepdim=True).clamp_min(1e-20), "mass": mass})
-    return data
+    return [_router_targets(layer, torch.cat(xs)[keep]) for layer, xs in zip(layers, inputs)]
+
+
+@torch.no_grad()
+def calibration_router_data(model, calibration: Calibration) -> list[dict]:
+    """Per MoE layer: the calibration tokens' MLP inputs (the teacher's: with every unit kept and
+    every expert on, the model's are the same) and their expert-mass targets."""
+    device = next(model.parameters()).device
+    return [_router_targets(layer, x.to(device, model.dtype)) for layer, x in zip(model.moe_layers(), calibration.inputs)]
+
+
+def _router_targets(layer, x: torch.Tensor) -> dict:
+    mass = expert_mass(layer.dense_h(x), layer.w_down, layer.unit_expert, layer.num_experts)
+    return {"x": x, "target": mass / mass.sum(1, keepdim=True).clamp_min(1e-20), "mass": mass}
 
 
 def recall_at_k(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
@@ -137,12 +174,248 @@ def warm_up_routers(model, data: list[dict], config: WarmupConfig) -> list[dict]
     return metrics
 
 
-def heldout_perplexity_by_category(model, tokenizer, examples: list[Example], config: DataConfig) -> dict:
-    """Token-weighted response perplexity per category and 'all' (see `tinyonn.evaluation.metrics`)."""
-    from tinyonn.evaluation.metrics import heldout_perplexity
+# ---------------------------------------------------------------- evaluation
 
-    measured = heldout_perplexity(model, tokenizer, examples, config, batch_size=config.batch_size)
-    return {category: values["ppl"] for category, values in measured.items()}
+
+def length_sorted_batches(samples: Sequence[EncodedSample], max_batch_tokens: int) -> list[list[int]]:
+    """Sample indices in batches of similar length, each batch ≤ `max_batch_tokens` padded tokens."""
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * len(samples[i].input_ids) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+@torch.no_grad()
+def response_perplexity(model, samples: Sequence[EncodedSample], pad_token_id: int,
+                        max_batch_tokens: int = 8192) -> dict[str, float]:
+    """Held-out perplexity per category and "all": exp of the token-weighted mean NLL over the
+    response tokens, for a causal LM or a TinyONN model (its `backbone`)."""
+    lm = getattr(model, "backbone", model)
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    device = next(model.parameters()).device
+    nll: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for indices in length_sorted_batches(samples, max_batch_tokens):
+        batch = collate([samples[i] for i in indices], pad_token_id, "right")
+        hidden = decoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                         use_cache=False).last_hidden_state
+        labels = batch.labels.to(device)
+        losses = per_sample_loss(hidden, labels, head=head).double().cpu()
+        tokens = (batch.labels[:, 1:] != -100).sum(1)
+        for category, loss, n in zip(batch.categories, losses.tolist(), tokens.tolist()):
+            nll[category] += loss * n
+            count[category] += n
+    out = {category: math.exp(nll[category] / count[category]) for category in sorted(count)}
+    out["all"] = math.exp(sum(nll.values()) / sum(count.values()))
+    return out
+
+
+def first_per_category(examples: Sequence[Example], count: int | None) -> list[Example]:
+    """The first `count` examples of each category, categories sorted (all of them for None)."""
+    if not count:
+        return list(examples)
+    by_category: dict[str, list] = defaultdict(list)
+    for example in examples:
+        by_category[example.category].append(example)
+    return [e for category in sorted(by_category) for e in by_category[category][:count]]
+
+
+def ppl_ratio_max(ppl: dict[str, float], teacher: dict[str, float]) -> float:
+    """Worst category's model ÷ teacher perplexity ("all" left out)."""
+    return max(ppl[c] / teacher[c] for c in teacher if c != "all")
+
+
+# ---------------------------------------------------------------- one conversion
+
+
+def set_routing_state(model, calibration: Calibration, budgets: list[float], routing: Routing,
+                      analytic: AnalyticConfig) -> dict[str, float]:
+    """Route within `budgets` as `routing` says, compensation off: "oracle" picks by true mass,
+    "analytic" balances the router bias for this budget first, "learned" uses the router as it is
+    (warm it up before). Returns the seconds each step took."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    seconds = {}
+    model.set_routing(with_compensation(budget_routing(model, budgets, "oracle" if routing == "oracle" else "budget"),
+                                        False))
+    clear_compensation(model)
+    if routing == "analytic":
+        start = time.perf_counter()
+        balance_router_bias(model, calibration, analytic)
+        seconds["balance_s"] = time.perf_counter() - start
+    return seconds
+
+
+def compensate(model, calibration: Calibration) -> float:
+    """Calibrate output compensation for the model's current routing and switch it on; seconds."""
+    start = time.perf_counter()
+    calibrate_compensation(model, calibration)
+    model.set_routing(with_compensation(model.routing, True))
+    return time.perf_counter() - start
+
+
+def convert(teacher, plan, calibration: Calibration, active_fraction: float, routing: Routing = "learned",
+            compensation: bool = True, warmup: WarmupConfig | None = None,
+            analytic: AnalyticConfig | None = None) -> tuple[torch.nn.Module, dict]:
+    """The training-free TinyONN model of `plan` at `active_fraction` of the teacher's FFN units
+    per token: analytic router from the calibration tokens (warmed up for "learned"), routing
+    within the budget, output compensation if asked. Returns the model (its routing state set:
+    what `save_pretrained` keeps is what was measured) and what the conversion did and took."""
+    from tinyonn.model.assemble import assemble
+    from tinyonn.teacher import ffn_layout
+
+    analytic = analytic or AnalyticConfig()
+    started = time.perf_counter()
+    model = assemble(teacher, plan, RoutingConfig(router="analytic"))
+    init_analytic_router(model, calibration, analytic)
+    info: dict = {"routing": routing, "compensation": compensation, "active_fraction": active_fraction}
+    if routing == "learned":
+        info["warmup"] = warm_up_routers(model, calibration_router_data(model, calibration), warmup or WarmupConfig())
+    budgets = routed_budgets(model, active_fraction, ffn_layout(teacher)[0].intermediate_size)
+    info.update(set_routing_state(model, calibration, budgets, routing, analytic))
+    if compensation:
+        info["compensation_s"] = compensate(model, calibration)
+    info["seconds"] = time.perf_counter() - started
+    return model.eval(), info
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _router_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".router." in k}
+
+
+def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/runs/default",
+                        fractions: Sequence[float] = (0.25, 0.5, 0.75), cluster_config=None,
+                        warmup: WarmupConfig | None = None, eval_per_category: int | None = 100,
+                        methods: Sequence[str] = PARTITIONS, routings: Sequence[Routing] = ROUTINGS,
+                        compensation: Sequence[bool] = (False, True), data: str = "builtin",
+                        split: str = "validation", calibration: CalibrationConfig | None = None,
+                        analytic: AnalyticConfig | None = None, save_fraction: float | None = 0.5,
+                        max_batch_tokens: int = 8192, log=print) -> dict:
+    """Build each partition once (the others with the first one's experts per layer: the same
+    budget) and measure every (routing, compensation, active fraction) row: held-out perplexity per
+    category beside the teacher's (measured once, on the same examples), the worst category's
+    ratio and the conversion time. `data` ("builtin" or a folder of `{split}.jsonl*` files) gives
+    the calibration tokens (its train split) and the evaluated examples (`split`, the first
+    `eval_per_category` of each category). Per partition, the best non-oracle row at
+    `save_fraction` is saved as `models/<partition>/` with `measured.json` (that row). Writes
+    `report/extract.json` after every row."""
+    from tinyonn.clustering.cluster import ClusterConfig, baseline_config, cluster
+    from tinyonn.data import load_probe_set
+    from tinyonn.model.assemble import assemble
+    from tinyonn.store.zarr_store import ScoreStore
+    from tinyonn.teacher import ffn_layout, load_teacher
+
+    run_dir = Path(run_dir)
+    warmup, analytic = warmup or WarmupConfig(), analytic or AnalyticConfig()
+    calibration = calibration or CalibrationConfig()
+    cluster_config = cluster_config or ClusterConfig()
+    store = ScoreStore.open(store) if isinstance(store, (str, Path)) else store
+    teacher_model, tokenizer = load_teacher(teacher) if isinstance(teacher, (str, Path)) else teacher
+    intermediate = ffn_layout(teacher_model)[0].intermediate_size
+    validation = first_per_category(load_probe_set(data, split), eval_per_category)
+    samples, _ = encode_examples(tokenizer, validation, DataConfig(max_length=512))
+
+    def measure(model) -> dict[str, float]:
+        return response_perplexity(model, samples, tokenizer.pad_token_id, max_batch_tokens)
+
+    start = time.perf_counter()
+    tokens = Calibration.collect(teacher_model, tokenizer, load_probe_set(data, "train"), calibration)
+    calibration_s = time.perf_counter() - start
+    start = time.perf_counter()
+    teacher_ppl = measure(teacher_model)
+    report: dict = {
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
+        "teacher": str(teacher) if isinstance(teacher, (str, Path)) else "model",
+        "store": str(store.path), "validation_examples": len(validation), "eval_per_category": eval_per_category,
+        "fractions": list(fractions), "teacher_eval_seconds": time.perf_counter() - start,
+        "calibration": {**dataclasses.asdict(calibration), "tokens": tokens.n_tokens, "seconds": calibration_s},
+        "analytic": dataclasses.asdict(analytic), "warmup": dataclasses.asdict(warmup),
+        "cluster_config": cluster_config.as_dict(),
+        "convert_seconds": "calibration pass + cluster + assemble + analytic router (representatives) + the "
+                           "row's routing set-up (analytic: bias balancing; learned: warm-up) + compensation",
+        "teacher_ppl_by_category": teacher_ppl, "plans": {}, "rows": [],
+    }
+    log(f"teacher: {teacher_ppl}")
+    main_plan = None
+    for method in methods:
+        config = dataclasses.replace(cluster_config, method=method)
+        if main_plan is not None and method != main_plan.method:
+            config = baseline_config(config, main_plan, method)  # same experts per layer: a fair budget
+        start = time.perf_counter()
+        plan = cluster(store, config, tokens)
+        plan_s = time.perf_counter() - start
+        main_plan = main_plan or plan
+        plan.save(run_dir / "plans" / method)
+        start = time.perf_counter()
+        model = assemble(teacher_model, plan, RoutingConfig(router="analytic")).eval()
+        init_analytic_router(model, tokens, analytic)
+        base_s = calibration_s + plan_s + time.perf_counter() - start
+        analytic_state = _router_state(model)
+        budgets = {f: routed_budgets(model, f, intermediate) for f in fractions}
+        entry: dict = {"plan": plan.summary(), "cluster_seconds": plan_s, "base_convert_seconds": base_s,
+                       "routed_budget_units": {str(f): b for f, b in budgets.items()}}
+        report["plans"][method] = entry
+        best_saved = math.inf
+        for routing in routings:
+            model.load_state_dict(analytic_state, strict=False)
+            state, setup_s = analytic_state, 0.0
+            if routing == "learned":
+                start = time.perf_counter()
+                entry["warmup"] = warm_up_routers(model, calibration_router_data(model, tokens), warmup)
+                setup_s = time.perf_counter() - start
+                state = _router_state(model)
+                entry["warmup_seconds"] = setup_s
+            for fraction in fractions:
+                model.load_state_dict(state, strict=False)
+                seconds = base_s + setup_s + sum(set_routing_state(model, tokens, budgets[fraction], routing,
+                                                                   analytic).values())
+                for compensated in sorted(compensation):  # off first: on calibrates for the same routing
+                    if compensated:
+                        seconds += compensate(model, tokens)
+                    ppl = measure(model)
+                    row = {"partition": method, "routing": routing, "compensation": compensated,
+                           "active_fraction": fraction, "ppl_by_category": ppl,
+                           "teacher_ppl_by_category": teacher_ppl, "ppl_ratio_max": ppl_ratio_max(ppl, teacher_ppl),
+                           "convert_seconds": seconds}
+                    report["rows"].append(row)
+                    log(f"{method:15s} {routing:8s} comp={int(compensated)} {fraction:.2f}: all {ppl['all']:.2f}, "
+                        f"worst ratio {row['ppl_ratio_max']:.3f}, convert {seconds:.0f} s")
+                    if routing != "oracle" and fraction == save_fraction and row["ppl_ratio_max"] < best_saved:
+                        best_saved = row["ppl_ratio_max"]
+                        save_measured(model, tokenizer, row, run_dir / "models" / method)
+                    write_report(report, run_dir)
+    report["ranking"] = rank_rows(report["rows"])
+    write_report(report, run_dir)
+    return report
+
+
+def save_measured(model, tokenizer, row: dict, directory: Path) -> None:
+    """The model as measured (weights, routing, compensation) with its tokenizer and `measured.json`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "measured.json").write_text(json.dumps(row, indent=1))
+
+
+def rank_rows(rows: list[dict]) -> list[dict]:
+    """(partition, routing, compensation) choices without the oracle, best first: by the mean over
+    the active fractions of the worst category's perplexity ratio."""
+    ratios: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["routing"] != "oracle":
+            ratios[(row["partition"], row["routing"], row["compensation"])].append(row["ppl_ratio_max"])
+    ranked = sorted(ratios.items(), key=lambda item: sum(item[1]) / len(item[1]))
+    return [{"partition": p, "routing": r, "compensation": c, "mean_ppl_ratio_max": sum(v) / len(v)}
+            for (p, r, c), v in ranked]
 
 
 def write_report(report: dict, run_dir: str | Path) -> Path:
@@ -152,94 +425,19 @@ def write_report(report: dict, run_dir: str | Path) -> Path:
     return path
 
 
-def timed(fn, *args, **kwargs):
-    start = time.time()
-    value = fn(*args, **kwargs)
-    return value, time.time() - start
-
-
-PARTITIONS = METHODS
-
-
-def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/runs/default",
-                        active_fraction: float = 0.5, cluster_config=None, warmup: WarmupConfig | None = None,
-                        eval_per_category: int | None = 100, methods: tuple[str, ...] = PARTITIONS,
-                        data: str = "builtin", split: str = "validation", log=print) -> dict:
-    """Build each partition, measure held-out perplexity per category with oracle routing and with
-    the warmed router at `active_fraction` of the FFN units active per token; write the report.
-    `data` ("builtin" or a folder of `{split}.jsonl*` files) gives the router warm-up examples
-    (its train split) and the evaluated ones (`split`, the first `eval_per_category` per category)."""
-    from tinyonn.model.assemble import assemble
-    from tinyonn.clustering.cluster import ClusterConfig, baseline_config, cluster
-    from tinyonn.data import load_probe_set
-    from tinyonn.store.zarr_store import ScoreStore
-    from tinyonn.teacher import ffn_layout, load_teacher
-
-    run_dir = Path(run_dir)
-    warmup = warmup or WarmupConfig()
-    cluster_config = cluster_config or ClusterConfig()
-    store = ScoreStore.open(store) if isinstance(store, (str, Path)) else store
-    teacher_model, tokenizer = load_teacher(teacher) if isinstance(teacher, (str, Path)) else teacher
-    intermediate = ffn_layout(teacher_model)[0].intermediate_size
-    validation = load_probe_set(data, split)
-    if eval_per_category:
-        by_category: dict[str, list] = defaultdict(list)
-        for example in validation:
-            by_category[example.category].append(example)
-        validation = [e for c in sorted(by_category) for e in by_category[c][:eval_per_category]]
-    train = load_probe_set(data, "train")
-    train = train[:: max(1, len(train) // 3000)]
-    eval_config = DataConfig(max_length=512, batch_size=16)
-    import datetime
-    import sys
-
-    report: dict = {
-        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "teacher": str(teacher) if isinstance(teacher, (str, Path)) else "model",
-        "store": str(store.path), "active_fraction": active_fraction,
-        "validation_examples": len(validation), "warmup": dataclasses.asdict(warmup),
-        "teacher_ppl": heldout_perplexity_by_category(teacher_model, tokenizer, validation, eval_config),
-        "partitions": {},
-    }
-    log(f"teacher: {report['teacher_ppl']}")
-    main_plan = None
-    for method in methods:
-        started = time.time()
-        config = dataclasses.replace(cluster_config, method=method)
-        if main_plan is not None and method != main_plan.method:
-            config = baseline_config(config, main_plan, method)  # same experts per layer: a fair budget
-        plan, cluster_seconds = timed(cluster, store, config)
-        main_plan = main_plan or plan
-        plan.save(run_dir / "plans" / method)
-        model = assemble(teacher_model, plan).eval()
-        budgets = routed_budgets(model, active_fraction, intermediate)
-        model.set_routing(budget_routing(model, budgets, "oracle"))
-        oracle = heldout_perplexity_by_category(model, tokenizer, validation, eval_config)
-        data = collect_router_data(model, train, tokenizer, warmup)
-        warm_metrics = warm_up_routers(model, data, warmup)
-        model.set_routing(budget_routing(model, budgets, "budget"))
-        routed = heldout_perplexity_by_category(model, tokenizer, validation, eval_config)
-        model.save_pretrained(run_dir / "models" / method)
-        report["partitions"][method] = {
-            "plan": plan.summary(), "cluster_seconds": cluster_seconds,
-            "oracle_ppl": oracle, "router_ppl": routed, "warmup": warm_metrics,
-            "routed_budget_units": budgets, "seconds": time.time() - started,
-        }
-        log(f"{method}: oracle {oracle['all']:.2f}, router {routed['all']:.2f} "
-            f"(recall@{warmup.recall_k} {sum(m[f'recall@{warmup.recall_k}'] for m in warm_metrics) / len(warm_metrics):.3f})")
-        write_report(report, run_dir)
-    return report
-
-
-def report_table(report: dict) -> str:
-    """Markdown table of the held-out perplexities in an extract report."""
-    categories = [c for c in report["teacher_ppl"] if c != "all"] + ["all"]
-    lines = ["| partition | routing | " + " | ".join(categories) + " |",
-             "|---|---|" + "---:|" * len(categories),
-             "| teacher (dense) | – | " + " | ".join(f"{report['teacher_ppl'][c]:.2f}" for c in categories) + " |"]
-    for method, r in report["partitions"].items():
-        for routing, key in (("oracle", "oracle_ppl"), ("warmed router", "router_ppl")):
-            lines.append(f"| {method} | {routing} | " + " | ".join(f"{r[key][c]:.2f}" for c in categories) + " |")
+def report_table(report: dict, fractions: Sequence[float] | None = None) -> str:
+    """Markdown table of an extract report: per active fraction the teacher, then every row."""
+    teacher = report["teacher_ppl_by_category"]
+    categories = [c for c in teacher if c != "all"] + ["all"]
+    lines = ["| active | partition | routing | comp. | " + " | ".join(categories) + " | worst ratio | convert s |",
+             "|---:|---|---|---|" + "---:|" * (len(categories) + 2),
+             "| 1.00 | teacher (dense) | – | – | " + " | ".join(f"{teacher[c]:.2f}" for c in categories) + " | 1.000 | – |"]
+    rows = [r for r in report["rows"] if fractions is None or r["active_fraction"] in fractions]
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["partition"] for r in rows))}
+    for row in sorted(rows, key=lambda r: (r["active_fraction"], order[r["partition"]], ROUTINGS.index(r["routing"]),
+                                           r["compensation"])):
+        ppl = row["ppl_by_category"]
+        lines.append(f"| {row['active_fraction']:.2f} | {row['partition']} | {row['routing']} | "
+                     f"{'on' if row['compensation'] else 'off'} | " + " | ".join(f"{ppl[c]:.2f}" for c in categories)
+                     + f" | {row['ppl_ratio_max']:.3f} | {row['convert_seconds']:.0f} |")
     return "\n".join(lines)

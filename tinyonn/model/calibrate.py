@@ -97,23 +97,33 @@ def balance_router_bias(model, calibration: Calibration, config: AnalyticConfig 
 
 @torch.no_grad()
 def calibrate_compensation(model, calibration: Calibration, given: Literal["unrouted", "always"] = "unrouted",
-                           chunk: int = 8192) -> None:
+                           max_tokens: int | None = 8192, chunk: int = 4096) -> None:
     """Set every layer's `compensation` [E, d]: expert e's mean output Σ_{j∈e} h_j·W_down[:, j] over
-    the calibration tokens on which the layer's current routing does not select e ("unrouted"),
-    or over every token ("always"). An expert selected on every token gets 0."""
-    for layer, x in zip(model.moe_layers(), _layer_inputs(model, calibration)):
+    the calibration tokens (evenly strided to `max_tokens`; None: all) on which the layer's current
+    routing does not select e ("unrouted"), or over every token ("always", FLAP's plain mean). An
+    expert selected on every token gets 0."""
+    if given not in ("unrouted", "always"):
+        raise ValueError(f"calibrate_compensation: given must be 'unrouted' or 'always', got {given!r}")
+    for layer, x in zip(model.moe_layers(), _layer_inputs(model, calibration, max_tokens)):
         unit_sum = torch.zeros(layer.w_gate.shape[0], dtype=torch.float64, device=x.device)
         count = torch.zeros(layer.num_experts, dtype=torch.float64, device=x.device)
         for start in range(0, x.shape[0], chunk):
             part = x[start : start + chunk]
-            h = layer.dense_h(part).double()
+            h = layer.dense_h(part).float()
             if given == "unrouted":
-                unused = 1.0 - layer.select(part).mask.double()  # [n, E]
+                unused = 1.0 - layer.select(part).mask.float()  # [n, E]
             else:
-                unused = torch.ones(part.shape[0], layer.num_experts, dtype=torch.float64, device=x.device)
-            unit_sum += (h * unused[:, layer.unit_expert]).sum(0)
-            count += unused.sum(0)
+                unused = torch.ones(part.shape[0], layer.num_experts, device=x.device)
+            unit_sum += (h * unused[:, layer.unit_expert]).sum(0).double()
+            count += unused.sum(0).double()
         per_unit = unit_sum / count.clamp_min(1.0)[layer.unit_expert]
         out = torch.zeros(layer.num_experts, layer.w_down.shape[1], dtype=torch.float64, device=x.device)
         out.index_add_(0, layer.unit_expert, per_unit[:, None] * layer.w_down.double())
         layer.compensation.copy_(out.to(layer.compensation.dtype))
+
+
+@torch.no_grad()
+def clear_compensation(model) -> None:
+    """Zero every layer's `compensation` (what a model without compensation carries)."""
+    for layer in model.moe_layers():
+        layer.compensation.zero_()
