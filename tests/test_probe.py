@@ -8,7 +8,7 @@ import torch
 
 from tinyonn import DataConfig, Example, collate, encode_examples, load_teacher
 from tinyonn.config import ProbeConfig
-from tinyonn.probe.run import probe_batch
+from tinyonn.probe.run import probe_batch, teacher_targets
 from tinyonn.probe.reference import activation_stats, per_sample_grad_norms
 from tinyonn.probe.unit_stats import (choose_method, direct_flops, gram_flops, head_direct_flops,
                                         head_gram_flops)
@@ -53,6 +53,30 @@ def test_fast_gradient_norms_equal_vmap_grad(tiny_fp32, padding_side, method):
     assert _relative_error(fast.grad, units) < 1e-4
     assert _relative_error(fast.head_grad, heads) < 1e-4
     assert float(units.min()) > 0
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_teacher_target_gradients(tiny_fp32, padding_side):
+    """grad_target="teacher": the gradients are the exact per-sample norms against targets drawn
+    from the teacher's own next-token distribution (the same as probing a batch whose response
+    labels are those draws; vmap(grad) agrees), drawn reproducibly, only at response positions."""
+    model, tokenizer = tiny_fp32
+    batch = _batch(tokenizer, padding_side)
+    drawn = teacher_targets(model, batch, seed=3)
+    response = batch.labels != -100
+    assert torch.equal(drawn.labels != -100, response) and torch.equal(drawn.input_ids, batch.input_ids)
+    assert not torch.equal(drawn.labels[response], batch.labels[response])
+    assert torch.equal(teacher_targets(model, batch, seed=3).labels, drawn.labels)
+    assert not torch.equal(teacher_targets(model, batch, seed=4).labels, drawn.labels)
+    teacher = probe_batch(model, batch, ProbeConfig(grad_target="teacher", target_seed=3))
+    explicit = probe_batch(model, drawn, ProbeConfig())
+    assert torch.equal(teacher.grad, explicit.grad) and torch.equal(teacher.act, explicit.act)
+    units, _ = per_sample_grad_norms(model, drawn)
+    assert _relative_error(teacher.grad, units) < 1e-4
+    label = probe_batch(model, batch, ProbeConfig())
+    assert torch.equal(teacher.act, label.act) and not torch.allclose(teacher.grad, label.grad)
+    with pytest.raises(ValueError, match="grad_target"):
+        probe_batch(model, batch, ProbeConfig(grad_target="kl"))
 
 
 def test_auto_method_picks_the_cheaper_route_for_units_and_heads():

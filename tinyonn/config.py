@@ -51,6 +51,15 @@ class ProbeConfig:
     compile: bool = False
     """Fuse the decoder's elementwise glue (norms, attention, SwiGLU) with torch.compile; the
     projections stay eager modules so the probe's hooks see them (worth it on a GPU)."""
+    grad_target: Literal["label", "teacher"] = "label"
+    """What the per-sample gradient (grad, taylor) is taken against: "label", the data's response
+    tokens (the loss), or "teacher", targets drawn from the teacher's own next-token distribution
+    at each response position (seeded by `target_seed`). The expected squared gradient of the
+    latter is the Fisher information, the curvature of the KL to the teacher's distribution (whose
+    own gradient at the teacher is 0): how much removing a unit moves the teacher's predictions,
+    whatever the labels say. `samples/loss` is then the NLL of the drawn targets."""
+    target_seed: int = 0
+    """Seed of the "teacher" targets (per batch, from the batch's tokens: resumes draw the same)."""
     sort_by_length: bool = True
     """Batch samples of similar length together inside a chunk (less padding); results keep the
     data set's order."""

@@ -122,9 +122,33 @@ def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return per_sample_loss(hidden, labels, head=model.get_output_embeddings())
 
 
+@torch.no_grad()
+def teacher_targets(model, batch: Batch, seed: int = 0) -> Batch:
+    """`batch` with every response label replaced by a token drawn from the teacher's own
+    next-token distribution at that position (`ProbeConfig.grad_target="teacher"`). The draw is
+    seeded from `seed` and the batch's tokens, so the same batch always gets the same targets."""
+    device = next(model.parameters()).device
+    labels = batch.labels.to(device)
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    hidden = model.get_decoder()(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                 use_cache=False)[0]
+    probs = model.get_output_embeddings()(hidden[rows, cols]).float().softmax(-1)
+    digest = hashlib.sha256(batch.input_ids.numpy().tobytes()).digest()
+    generator = torch.Generator(device=probs.device).manual_seed(seed * 1_000_003 + int.from_bytes(digest[:6], "little"))
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    targets = labels.clone()
+    targets[rows, cols + 1] = drawn
+    return dataclasses.replace(batch, labels=targets.to(batch.labels.device))
+
+
 def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLayer] | None = None) -> BatchStats:
-    """Per-sample unit and head statistics of one batch (one forward, one backward to activations)."""
+    """Per-sample unit and head statistics of one batch (one forward, one backward to activations;
+    with `grad_target="teacher"` one more forward draws the targets, `teacher_targets`)."""
     layout = layout or ffn_layout(model)
+    if config.grad_target == "teacher":
+        batch = teacher_targets(model, batch, config.target_seed)
+    elif config.grad_target != "label":
+        raise ValueError(f"ProbeConfig.grad_target must be 'label' or 'teacher', got {config.grad_target!r}")
     device = next(model.parameters()).device
     num_heads = model.config.num_attention_heads
     layers = decoder_layers(model)
@@ -177,8 +201,9 @@ def _fingerprint(teacher_id: str, samples: Sequence[EncodedSample], config: Prob
     digest = hashlib.sha256()
     digest.update(teacher_id.encode())
     values = dataclasses.asdict(config)
-    if values["per_sample_codec"] == "zstd":  # the default stays out: older stores keep their fingerprint
-        del values["per_sample_codec"]
+    for name, default in (("per_sample_codec", "zstd"), ("grad_target", "label"), ("target_seed", 0)):
+        if values[name] == default:  # defaults of later fields stay out: older stores keep their fingerprint
+            del values[name]
     digest.update(json.dumps(values, sort_keys=True, default=str).encode())
     for sample in samples:
         digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
