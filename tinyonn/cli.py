@@ -96,7 +96,7 @@ def cmd_probe(args) -> int:
         chunk_samples=args.chunk_samples, freq_threshold=args.freq_threshold,
         per_sample=not args.aggregates_only, heads=not args.no_heads, grad_method=args.grad_method,
         dtype=args.dtype, quant=args.quant, device=args.device, max_samples=args.max_samples,
-        per_sample_codec=args.per_sample_codec,
+        per_sample_codec=args.per_sample_codec, grad_target=args.grad_target,
     )
     out = Path(args.out) if args.out else Path(args.runs) / args.run / "scores.zarr"
     store = probe(args.teacher, args.data, config, out, overwrite=args.overwrite)
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--aggregates-only", action="store_true", help="skip the per-sample [N, U] arrays")
     pr.add_argument("--per-sample-codec", default="zstd", choices=["zstd", "none"],
                     help="per-sample arrays compressed (zstd) or raw, for memory-mapped reads (none)")
+    pr.add_argument("--grad-target", default="label", choices=["label", "teacher"],
+                    help="per-sample gradients against the data's labels or against targets drawn from the "
+                         "teacher's own next-token distribution (the KL / Fisher view)")
     pr.add_argument("--no-heads", action="store_true", help="skip attention-head statistics")
     pr.add_argument("--overwrite", action="store_true", help="replace a store probed with other inputs")
     pr.set_defaults(func=cmd_probe)
