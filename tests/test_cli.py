@@ -14,7 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
-    run_args = ["run", "--runs", str(tmp_path), "--run", "smoke", "--samples", "40", "--no-train"]
+    from tinyonn.evaluation.evaluate import EvaluateConfig
+    from tinyonn.pipeline import EvalConfig, RunConfig
+
+    # a light evaluation (no nf4 row, no sweep beyond the saved model, tiny speed run): the full one
+    # is tests/test_evaluate.py's
+    light = EvaluateConfig(nf4=False, sweep=(0.5,), bench_prompt_length=8, bench_new_tokens=2)
+    (tmp_path / "light.json").write_text(json.dumps(RunConfig(eval=EvalConfig(measure=light)).to_dict()))
+    run_args = ["run", "--runs", str(tmp_path), "--run", "smoke", "--samples", "40", "--no-train",
+                "--config", str(tmp_path / "light.json")]
     assert main(run_args) == 0
     out = capsys.readouterr().out
     assert "12,288 FFN units" in out
@@ -51,7 +59,7 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
 
     # the same config again: nothing is redone
     assert main(run_args) == 0
-    assert "stages: probe skipped, cluster skipped, assemble skipped, evaluate skipped, explain skipped  " \
+    assert "stages: probe skipped, cluster skipped, assemble skipped, evaluate skipped, explain skipped, release skipped  " \
         "(nothing to redo)" in capsys.readouterr().out
     # one stage by its own command, with the run's settings: a changed partition reruns cluster,
     # and then `run` redoes exactly the stages downstream of it
@@ -60,6 +68,13 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
     assert main([*run_args, "--method", "random"]) == 0
     assert "stages: probe skipped, cluster skipped, assemble ran, evaluate ran, explain ran" in capsys.readouterr().out
     assert main(["evaluate", "--runs", str(tmp_path), "--run", "smoke"]) == 0
+    # `tinyonn release`: the run's release stage wrote one; the command redoes it for the new evaluation
+    assert (run / "release" / "model.safetensors").is_file()
+    assert main(["release", "--runs", str(tmp_path), "--run", "smoke"]) == 0
+    evaluated = json.loads((run / "report" / "evaluate.json").read_text())
+    assert f"| all | {evaluated['teacher_ppl']['all']:.2f} | {evaluated['model_ppl']['all']:.2f} |" in \
+        (run / "release" / "README.md").read_text()
+    assert json.loads((run / "release" / "provenance.json").read_text())["method"] == "random"
     # `tinyonn explain` with a hand-written label: the report shows it, the stage record has its hash
     explained = json.loads((run / "report" / "explain.json").read_text())
     assert (run / "report" / "index.html").is_file() and explained["model_dir"] == "model"

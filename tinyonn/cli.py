@@ -21,7 +21,7 @@ from tinyonn.errors import TinyONNError
 if TYPE_CHECKING:  # the pipeline is imported on use: the CLI starts fast
     from tinyonn.pipeline import RunConfig
 
-PLANNED_STAGES = ("release",)
+PLANNED_STAGES: tuple[str, ...] = ()
 """Stages of DESIGN.md's pipeline not built yet (listed by `tinyonn run`)."""
 
 
@@ -81,7 +81,8 @@ def cmd_run(args) -> int:
     ran = [stage for stage, what in result["stages"].items() if what == "ran"]
     print("stages: " + ", ".join(f"{stage} {what}" for stage, what in result["stages"].items())
           + ("" if ran else "  (nothing to redo)"))
-    print("not built yet: " + ", ".join(PLANNED_STAGES))
+    if PLANNED_STAGES:
+        print("not built yet: " + ", ".join(PLANNED_STAGES))
     print(f"run folder: {config.run_dir}")
     return 0
 
@@ -105,7 +106,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    """Run one pipeline stage (`cluster`, `assemble`, `train`, `evaluate` or `explain`) on a run folder."""
+    """Run one pipeline stage (`cluster`, `assemble`, `train`, `evaluate`, `explain` or `release`) on a
+    run folder."""
     from tinyonn.pipeline import STAGE_FUNCTIONS
 
     config = run_config(args)
@@ -250,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--labels", default=None, help="JSON of hand-written expert labels ({\"L3·E5\": \"...\"}; "
                     "default: the run folder's labels.json)")
     xp.set_defaults(func=cmd_stage)
+
+    rl = sub.add_parser("release", help="the run's evaluated model as a folder to publish: safetensors and .pth in "
+                        "the teacher's dtype, provenance, model card")
+    _run_folder_options(rl)
+    rl.set_defaults(func=cmd_stage)
 
     ex = sub.add_parser("extract", help="compare partitions × routings × compensation at budgets, training-free")
     ex.add_argument("--teacher", default="builtin")

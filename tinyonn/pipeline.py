@@ -30,11 +30,12 @@ from typing import Literal
 from tinyonn.clustering import CalibrationConfig, ClusterConfig
 from tinyonn.config import DataConfig, ProbeConfig
 from tinyonn.errors import TinyONNError
+from tinyonn.evaluation.evaluate import EvaluateConfig
 from tinyonn.explain.config import ExplainConfig
 from tinyonn.files import write_text_atomic
 from tinyonn.training.config import Phase1Config, Phase2Config, TrainConfig
 
-STAGES = ("probe", "cluster", "assemble", "train", "evaluate", "explain")
+STAGES = ("probe", "cluster", "assemble", "train", "evaluate", "explain", "release")
 """The stages `run_pipeline` chains, in order (train only when `RunConfig.train` is set)."""
 
 
@@ -58,6 +59,11 @@ class EvalConfig:
     """For a single data file: examples i with i % holdout_every == holdout_every - 1 are held out."""
     max_length: int = 512
     batch_size: int = 16
+    items: str = "builtin"
+    """The multiple-choice evaluation set: "builtin", a JSONL path, or "none"."""
+    measure: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """What `tinyonn.evaluate` measures (rows, sweep, items per category, speed benchmark); its
+    `max_length` and `batch_size` are replaced by this config's."""
 
     def __post_init__(self):
         _check_positive(self, "stride", "holdout_every", "max_length", "batch_size")
@@ -196,7 +202,8 @@ def _output_fingerprint(run_dir: Path, stage: str) -> str | None:
             return "store:" + str(ScoreStore.open(run_dir / "scores.zarr").attrs["fingerprint"])
         except Exception:  # an unfinished or damaged store is no input
             return None
-    files = {"cluster": run_dir / "plan" / "plan.json", "assemble": run_dir / "model" / "config.json"}
+    files = {"cluster": run_dir / "plan" / "plan.json", "assemble": run_dir / "model" / "config.json",
+             "evaluate": run_dir / "report" / "evaluate.json"}
     if stage in files and files[stage].is_file():
         return "file:" + hashlib.sha256(files[stage].read_bytes()).hexdigest()[:16]
     return None
@@ -230,6 +237,8 @@ def _stage_inputs(config: RunConfig, stage: str) -> dict:
         labels = config.explain.labels or run_dir / "labels.json"
         return {"evaluate": _upstream(run_dir, "evaluate"), "explain": dataclasses.asdict(config.explain),
                 "labels": hashlib.sha256(Path(labels).read_bytes()).hexdigest()[:16] if Path(labels).is_file() else None}
+    if stage == "release":
+        return {"evaluate": _upstream(run_dir, "evaluate"), "teacher": config.teacher}
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
@@ -438,42 +447,36 @@ def _training_examples(config: RunConfig) -> list:
 
 
 def evaluate_stage(config: RunConfig, log=print) -> Path:
-    """Held-out perplexity per category of the saved model (reloaded from `train/model/`, or from
-    `model/` without training) beside the teacher's, and both answers to the prompt →
-    `report/evaluate.json`."""
+    """The saved model (reloaded from `train/model/`, or from `model/` without training) against the
+    teacher with `tinyonn.evaluate` (held-out perplexity and evaluation accuracy per category, the
+    teacher in nf4, the sparsity–quality sweep, cost per token, speed and memory), plus both answers
+    to the prompt → `report/evaluate.json`, `report/sparsity_quality.png`."""
     from transformers import AutoModelForCausalLM
 
-    from tinyonn.evaluation.metrics import heldout_perplexity, sample_answers
-    from tinyonn.evaluation.sparsity import active_unit_fraction
-    from tinyonn.teacher import ffn_layout
+    from tinyonn.data import load_eval_set
+    from tinyonn.evaluation.evaluate import PLOT_NAME, evaluate
+    from tinyonn.evaluation.metrics import sample_answers
 
     def body(config: RunConfig) -> list[Path]:
         teacher, tokenizer = _teacher(config.teacher, config.quant)
         model_dir = config.run_dir / ("train/model" if config.train is not None else "model")
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         _, held_out = _examples(config)
-        data = DataConfig(max_length=config.eval.max_length, batch_size=config.eval.batch_size)
-        log(f"[evaluate] held-out perplexity on {len(held_out)} examples")
-        teacher_ppl = {c: v["ppl"] for c, v in heldout_perplexity(teacher, tokenizer, held_out, data,
-                                                                   config.eval.batch_size).items()}
-        model_ppl = {c: v["ppl"] for c, v in heldout_perplexity(model, tokenizer, held_out, data,
-                                                                 config.eval.batch_size).items()}
-        width = ffn_layout(teacher)[0].intermediate_size
-        measured = active_unit_fraction(model, tokenizer, held_out, width, data)
+        items = [] if config.eval.items == "none" else load_eval_set(config.eval.items)
+        measure = dataclasses.replace(config.eval.measure, max_length=config.eval.max_length,
+                                      batch_size=config.eval.batch_size)
         routing = f"router, after {config.train.rule.upper()} training" if config.train else routing_label(config)
-        report = {
-            "model_dir": str(model_dir.relative_to(config.run_dir)),
-            "active_fraction": config.active_fraction, "measured_active_fraction": measured, "routing": routing,
-            "examples": len(held_out), "teacher_ppl": teacher_ppl, "model_ppl": model_ppl,
-            "ppl_ratio_max": max(model_ppl[c] / teacher_ppl[c] for c in teacher_ppl if c != "all"),
-            "prompt": config.prompt,
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        extra = {
+            "model_dir": str(model_dir.relative_to(config.run_dir)), "active_fraction": config.active_fraction,
+            "routing": routing, "prompt": config.prompt,
             "teacher_answer": sample_answers(teacher, tokenizer, [config.prompt], max_new_tokens=32)[0],
             "model_answer": sample_answers(model, tokenizer, [config.prompt], max_new_tokens=32)[0],
         }
-        path = config.run_dir / "report" / "evaluate.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
-        return [path]
+        del model
+        report_dir = config.run_dir / "report"
+        evaluate(model_dir, config.teacher, held_out, items, measure, out_dir=report_dir, tokenizer=tokenizer,
+                 extra=extra, log=log)
+        return [report_dir / "evaluate.json", report_dir / PLOT_NAME]
 
     return _run_stage(config, "evaluate", body, log)
 
@@ -495,9 +498,25 @@ def explain_stage(config: RunConfig, log=print) -> Path:
     return path
 
 
+def release_stage(config: RunConfig, log=print) -> Path:
+    """The evaluated model as a folder to publish (`tinyonn.release`: safetensors and a `.pth` in
+    the teacher's dtype, config, tokenizer, provenance from the plan, a model card with the
+    evaluation table) → `release/`."""
+    from tinyonn.release import release
+
+    def body(config: RunConfig) -> list[Path]:
+        model_dir = config.run_dir / ("train/model" if config.train is not None else "model")  # what evaluate measured
+        out = release(model_dir, config.run_dir / "release", config.run_dir / "plan", config.teacher,
+                      report=config.run_dir / "report" / "evaluate.json")
+        log(f"[release] {out}")
+        return [out]
+
+    return _run_stage(config, "release", body, log)
+
+
 STAGE_FUNCTIONS: dict[str, Callable[..., Path]] = {
     "probe": probe_stage, "cluster": cluster_stage, "assemble": assemble_stage, "train": train_stage,
-    "evaluate": evaluate_stage, "explain": explain_stage}
+    "evaluate": evaluate_stage, "explain": explain_stage, "release": release_stage}
 
 
 def run_pipeline(config: RunConfig, log=print) -> dict:

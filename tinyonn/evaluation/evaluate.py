@@ -26,7 +26,6 @@ import torch
 
 from tinyonn.config import DataConfig
 from tinyonn.data import Example, encode_examples
-from tinyonn.evaluation.extract import budget_routing, routed_budgets
 from tinyonn.evaluation.efficiency import cost_per_token, throughput
 from tinyonn.evaluation.metrics import heldout_perplexity, multiple_choice_eval
 from tinyonn.evaluation.sparsity import count_active_units
@@ -41,14 +40,15 @@ class EvaluateConfig:
     """What `evaluate` measures. The defaults keep the builtin teacher's evaluation near a minute
     on two CPU cores; raise the counts and sizes on a GPU."""
 
-    dtype: str = "bfloat16"
-    """Compute dtype of the teacher row and of a TinyONN model loaded from a folder."""
+    dtype: str | None = None
+    """Compute dtype of the teacher row and of a TinyONN model loaded from a folder; None: the
+    saved model's own (the model a run saves is the model it measures), the teacher in the same."""
     nf4: bool = True
     """Add the teacher in nf4 (bitsandbytes) as a row."""
     sweep: tuple[float, ...] = (0.25, 0.5, 1.0)
     """Fractions of the teacher's FFN units per token (shared + routed) for the sparsity–quality
     curve; a point routed like the saved model is measured once."""
-    items_per_category: int | None = 2
+    items_per_category: int | None = 1
     """Multiple-choice items per category, spread over the given items (None: every item)."""
     max_length: int = 512
     batch_size: int = 16
@@ -61,8 +61,8 @@ class EvaluateConfig:
     bench_repeats: int = 1
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"EvaluateConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"EvaluateConfig.dtype must be None, float32, bfloat16 or float16, got {self.dtype!r}")
         if not self.sweep or any(not 0 < f <= 1 for f in self.sweep):
             raise ValueError(f"EvaluateConfig.sweep must hold fractions in (0, 1], got {self.sweep!r}")
         for name in ("max_length", "batch_size", "flops_context", "bench_batch", "bench_prompt_length",
@@ -74,9 +74,6 @@ class EvaluateConfig:
         if self.items_per_category is not None and self.items_per_category < 1:
             raise ValueError(f"EvaluateConfig.items_per_category must be ≥ 1 or None, got {self.items_per_category}")
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
 
 
 def select_items(items: Sequence[dict], per_category: int | None) -> list[dict]:
@@ -141,6 +138,8 @@ def _measure_items(model, tokenizer, items: Sequence[dict], config: EvaluateConf
 def _routing_for(model, fraction: float) -> list[RoutingConfig]:
     """The saved routing's selection (router "budget" or "oracle"; "budget" for any other mode)
     within `fraction` of the teacher's FFN units per token, shared units included."""
+    from tinyonn.evaluation.extract import budget_routing, routed_budgets
+
     mode = model.routing[0].mode if model.routing[0].mode in ("budget", "oracle") else "budget"
     width = model.config.text_config.intermediate_size
     return budget_routing(model, routed_budgets(model, fraction, width), mode)
@@ -168,21 +167,22 @@ def _teacher_row(teacher, tokenizer, held_out, items, config: EvaluateConfig, na
             **cost, **row}
 
 
-def _load_model(model, dtype: torch.dtype):
+def _load_model(model, dtype: torch.dtype | None):
     from transformers import AutoModelForCausalLM
 
     if isinstance(model, (str, Path)):
         path = Path(model)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no TinyONN model in {path} (config.json missing)")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), str(path)
+        return AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {})).eval(), str(path)
     return model.eval(), None
 
 
 def evaluate(model, teacher: str | Path = "builtin", held_out: Sequence[Example] = (), items: Sequence[dict] = (),
              config: EvaluateConfig = EvaluateConfig(), out_dir: str | Path | None = None, tokenizer=None,
              extra: dict | None = None, log=print) -> dict:
-    """Measure `model` (a saved TinyONN folder, loaded in `config.dtype`, or a model, used as it is)
+    """Measure `model` (a saved TinyONN folder, loaded in `config.dtype` or as saved, or a model,
+    used as it is)
     against the teacher at `teacher` (a `load_teacher` source) on `held_out` examples and `items`
     (multiple choice). Returns the report; with `out_dir`, writes `evaluate.json` (the report plus
     `extra`) and the sparsity–quality PNG there. Top-level keys: `teacher_ppl` / `model_ppl`
@@ -191,16 +191,17 @@ def evaluate(model, teacher: str | Path = "builtin", held_out: Sequence[Example]
     from tinyonn.teacher import load_teacher
 
     started = time.time()
-    dtype = config.torch_dtype
-    model, model_dir = _load_model(model, dtype)
+    model, model_dir = _load_model(model, getattr(torch, config.dtype) if config.dtype else None)
+    dtype = next(model.parameters()).dtype
+    dtype_name = str(dtype).removeprefix("torch.")
     teacher_model, teacher_tokenizer = load_teacher(teacher, dtype=dtype)
     tokenizer = tokenizer or teacher_tokenizer
     held_out = _length_sorted(tokenizer, list(held_out), config.max_length)
     items = select_items(items, config.items_per_category)
-    log(f"[evaluate] {len(held_out)} held-out examples, {len(items)} evaluation items, dtype {config.dtype}")
+    log(f"[evaluate] {len(held_out)} held-out examples, {len(items)} evaluation items, {dtype_name}")
 
     teacher_cost = cost_per_token(teacher_model, context=config.flops_context)
-    rows = [_teacher_row(teacher_model, tokenizer, held_out, items, config, f"teacher {config.dtype}", teacher_cost)]
+    rows = [_teacher_row(teacher_model, tokenizer, held_out, items, config, f"teacher {dtype_name}", teacher_cost)]
     log(f"[evaluate] teacher: ppl {rows[0]['ppl']['all']['ppl']:.2f} ({rows[0]['seconds']:.0f} s)")
     if config.nf4:
         rows.append(_nf4_row(teacher, tokenizer, held_out, items, config, teacher_cost))
