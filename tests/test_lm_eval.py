@@ -16,7 +16,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 

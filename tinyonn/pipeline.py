@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from tinyonn.clustering import CalibrationConfig, ClusterConfig
-from tinyonn.config import DataConfig, ProbeConfig
+from tinyonn.config import ProbeConfig
 from tinyonn.errors import TinyONNError
 from tinyonn.evaluation.evaluate import EvaluateConfig
 from tinyonn.explain.config import ExplainConfig

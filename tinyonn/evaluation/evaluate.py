@@ -43,6 +43,9 @@ class EvaluateConfig:
     dtype: str | None = None
     """Compute dtype of the teacher row and of a TinyONN model loaded from a folder; None: the
     saved model's own (the model a run saves is the model it measures), the teacher in the same."""
+    device: str | None = None
+    """Where a model loaded from a folder runs (and the teachers beside it): None, CUDA when
+    available, else the CPU. A model given as a module runs where it is."""
     nf4: bool = True
     """Add the teacher in nf4 (bitsandbytes) as a row."""
     sweep: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -167,14 +170,16 @@ def _teacher_row(teacher, tokenizer, held_out, items, config: EvaluateConfig, na
             **cost, **row}
 
 
-def _load_model(model, dtype: torch.dtype | None):
+def _load_model(model, config: EvaluateConfig):
     from transformers import AutoModelForCausalLM
 
     if isinstance(model, (str, Path)):
         path = Path(model)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no TinyONN model in {path} (config.json missing)")
-        return AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {})).eval(), str(path)
+        dtype = {"dtype": getattr(torch, config.dtype)} if config.dtype else {}
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return AutoModelForCausalLM.from_pretrained(path, **dtype).to(device).eval(), str(path)
     return model.eval(), None
 
 
@@ -182,19 +187,18 @@ def evaluate(model, teacher: str | Path = "builtin", held_out: Sequence[Example]
              config: EvaluateConfig = EvaluateConfig(), out_dir: str | Path | None = None, tokenizer=None,
              extra: dict | None = None, log=print) -> dict:
     """Measure `model` (a saved TinyONN folder, loaded in `config.dtype` or as saved, or a model,
-    used as it is)
-    against the teacher at `teacher` (a `load_teacher` source) on `held_out` examples and `items`
-    (multiple choice). Returns the report; with `out_dir`, writes `evaluate.json` (the report plus
+    used as it is) against the teacher at `teacher` (a `load_teacher` source) on `held_out`
+    examples and `items` (multiple choice). Returns the report; with `out_dir`, writes `evaluate.json` (the report plus
     `extra`) and the sparsity–quality PNG there. Top-level keys: `teacher_ppl` / `model_ppl`
     (perplexity per category), `measured_active_fraction` (the saved routing), `rows` (every row
     in full), `sweep` (the curve's points), `efficiency` (speed and memory)."""
     from tinyonn.teacher import load_teacher
 
     started = time.time()
-    model, model_dir = _load_model(model, getattr(torch, config.dtype) if config.dtype else None)
-    dtype = next(model.parameters()).dtype
+    model, model_dir = _load_model(model, config)
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     dtype_name = str(dtype).removeprefix("torch.")
-    teacher_model, teacher_tokenizer = load_teacher(teacher, dtype=dtype)
+    teacher_model, teacher_tokenizer = load_teacher(teacher, dtype=dtype, device=device)
     tokenizer = tokenizer or teacher_tokenizer
     held_out = _length_sorted(tokenizer, list(held_out), config.max_length)
     items = select_items(items, config.items_per_category)
@@ -204,7 +208,7 @@ def evaluate(model, teacher: str | Path = "builtin", held_out: Sequence[Example]
     rows = [_teacher_row(teacher_model, tokenizer, held_out, items, config, f"teacher {dtype_name}", teacher_cost)]
     log(f"[evaluate] teacher: ppl {rows[0]['ppl']['all']['ppl']:.2f} ({rows[0]['seconds']:.0f} s)")
     if config.nf4:
-        rows.append(_nf4_row(teacher, tokenizer, held_out, items, config, teacher_cost))
+        rows.append(_nf4_row(teacher, tokenizer, held_out, items, config, teacher_cost, device))
     saved = list(model.routing)
     saved_row = _tinyonn_row(model, tokenizer, held_out, items, config, "TinyONN (as saved)", None)
     rows.append(saved_row)
@@ -234,9 +238,9 @@ def evaluate(model, teacher: str | Path = "builtin", held_out: Sequence[Example]
     }
     if config.benchmark:
         report["efficiency"] = _benchmark(model, teacher_model, tokenizer, config)
-        log(f"[evaluate] speed: " + "; ".join(
+        log("[evaluate] speed: " + "; ".join(
             f"{name} prefill {v['prefill_tok_s']:,.0f} tok/s, decode {v['decode_tok_s']:,.1f} tok/s"
-            for name, v in report["efficiency"].items() if isinstance(v, dict)))
+            for name, v in report["efficiency"].items() if name in ("teacher", "tinyonn")))
     report["seconds"] = round(time.time() - started, 2)
     report.update(extra or {})
     if out_dir is not None:
@@ -248,14 +252,14 @@ def evaluate(model, teacher: str | Path = "builtin", held_out: Sequence[Example]
     return report
 
 
-def _nf4_row(teacher, tokenizer, held_out, items, config: EvaluateConfig, cost: dict) -> dict:
+def _nf4_row(teacher, tokenizer, held_out, items, config: EvaluateConfig, cost: dict, device: torch.device) -> dict:
     """The teacher in nf4: loaded fresh for this row (bitsandbytes on CPU repacks nf4 weights in
     place after an eval forward, so a loaded nf4 model is never shared or dequantised), or why not."""
     from tinyonn.teacher import load_teacher
 
     name = "teacher nf4"
     try:
-        quantised, _ = load_teacher(teacher, quant="nf4", dtype=torch.bfloat16)
+        quantised, _ = load_teacher(teacher, quant="nf4", dtype=torch.bfloat16, device=device)
         row = _teacher_row(quantised, tokenizer, held_out, items, config, name, cost)
         row["parameter_bytes"] = sum(p.numel() * p.element_size() for p in quantised.parameters())
     except Exception as err:  # bitsandbytes missing, no kernel for this CPU/GPU, ...
