@@ -98,6 +98,24 @@ def merge(paths: list[str], out: str) -> None:
     print(f"{len(merged['rows'])} rows → {out}")
 
 
+def table(path: str) -> str:
+    """The quality JSON as a Markdown table: held-out perplexity per category (ratio to the teacher's
+    in the last column), sorted by active fraction then overall perplexity."""
+    result = json.loads(Path(path).read_text())
+    teacher = result["teacher_ppl_by_category"]
+    categories = [c for c in teacher if c != "all"]
+    lines = ["| partition | training | active | " + " | ".join(categories) + " | all | max ratio | tok/s a row |",
+             "|---|---|---|" + "---|" * (len(categories) + 3),
+             "| teacher | – | 1.0 | " + " | ".join(f"{teacher[c]:.2f}" for c in categories) + f" | {teacher['all']:.2f} | 1.000 | – |"]
+    for row in sorted(result["rows"], key=lambda r: (-r["active_frac"], r["ppl_by_category"]["all"])):
+        ppl = row["ppl_by_category"]
+        speed = f"{row['train_tok_s']:,.0f}" if row.get("train_tok_s") else "–"
+        lines.append(f"| {row['partition']} | {row['training']} | {row['active_frac']:g} | "
+                     + " | ".join(f"{ppl[c]:.2f}" for c in categories)
+                     + f" | {ppl['all']:.2f} | {row['ppl_ratio_max']:.3f} | {speed} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plans", help="DIR with one saved plan per partition")
@@ -114,9 +132,12 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/quality", help="training outputs (checkpoints, logs)")
     parser.add_argument("--out", required=True, help="JSON file the rows are written to (rewritten after each row)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge these quality JSONs into --out and stop")
+    parser.add_argument("--table", action="store_true", help="print --out as a Markdown table and stop")
     args = parser.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
+    if args.table:
+        return print(table(args.out))
     if not args.plans or not args.rows:
         parser.error("--plans and --rows are required (or --merge)")
 
