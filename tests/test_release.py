@@ -86,7 +86,7 @@ def test_release_round_trips_in_the_teachers_dtype(run):
     report = json.loads((run / "report" / "evaluate.json").read_text())
     assert "| TinyONN (as saved) |" in card and f"{report['teacher_ppl']['all']:.2f}" in card
     assert f"{report['model_ppl']['all']:.2f}" in card and "weights_only=True" in card
-    assert (out / "tokenizer.json").is_file()
+    assert (out / "tokenizer.json").is_file() and all(p.stat().st_mode & 0o044 == 0o044 for p in out.iterdir())
 
 
 def test_release_of_a_model_that_is_not_the_plans_is_an_error(run, tmp_path):

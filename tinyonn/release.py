@@ -116,6 +116,8 @@ def release(model, out_dir: str | Path, plan: ExpertPlan | str | Path, teacher: 
     origin = provenance(model, plan, str(teacher))
     write_text_atomic(tmp / "provenance.json", json.dumps(origin, indent=1))
     write_text_atomic(tmp / "README.md", model_card(model, origin, report, config, dtype))
+    for path in tmp.iterdir():
+        path.chmod(0o644)  # a folder to publish (safetensors writes its file owner-only)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
