@@ -113,6 +113,6 @@ def test_rank_rows_and_table():
                                   ("random", "oracle", False, 0.5, 1.0)]]
     ranked = rank_rows(rows)
     assert [(r["partition"], r["routing"]) for r in ranked] == [("cmoe", "analytic"), ("random", "learned")]
-    assert ranked[0]["mean_ppl_ratio_max"] == pytest.approx(1.1)
+    assert ranked[0]["geomean_ppl_ratio_max"] == pytest.approx(1.2 ** 0.5)
     table = report_table({"teacher_ppl_by_category": teacher, "rows": rows})
     assert table.count("\n") == 2 + len(rows) and "| 0.50 | cmoe | analytic | on | 2.40 | 4.80 | 3.60 | 1.200 | 1 |" in table

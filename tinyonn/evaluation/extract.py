@@ -407,15 +407,17 @@ def save_measured(model, tokenizer, row: dict, directory: Path) -> None:
 
 
 def rank_rows(rows: list[dict]) -> list[dict]:
-    """(partition, routing, compensation) choices without the oracle, best first: by the mean over
-    the active fractions of the worst category's perplexity ratio."""
-    ratios: dict[tuple, list[float]] = defaultdict(list)
+    """(partition, routing, compensation) choices without the oracle, best first: by the geometric
+    mean over the active fractions of the worst category's perplexity ratio (so the smallest
+    budget's large ratios do not decide alone)."""
+    logs: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         if row["routing"] != "oracle":
-            ratios[(row["partition"], row["routing"], row["compensation"])].append(row["ppl_ratio_max"])
-    ranked = sorted(ratios.items(), key=lambda item: sum(item[1]) / len(item[1]))
-    return [{"partition": p, "routing": r, "compensation": c, "mean_ppl_ratio_max": sum(v) / len(v)}
-            for (p, r, c), v in ranked]
+            logs[(row["partition"], row["routing"], row["compensation"])].append(math.log(row["ppl_ratio_max"]))
+    ranked = sorted((key, math.exp(sum(v) / len(v))) for key, v in logs.items())
+    ranked.sort(key=lambda item: item[1])
+    return [{"partition": p, "routing": r, "compensation": c, "geomean_ppl_ratio_max": value}
+            for (p, r, c), value in ranked]
 
 
 def write_report(report: dict, run_dir: str | Path) -> Path:
