@@ -36,7 +36,7 @@ def test_run_on_the_builtin_teacher_chains_the_stages(tmp_path, capsys):
     assert (run / "plan" / "plan.json").is_file() and (run / "plan" / "cells.png").is_file()
     assert (run / "model" / "config.json").is_file()
     config = json.loads((run / "run_config.json").read_text())
-    assert config["probe_samples"] == 40 and config["cluster"]["method"] == "pidiff-hdbscan"
+    assert config["probe_samples"] == 40 and config["cluster"]["method"] == "coact-kmeans"
     # the saved model is the measured one: its router picks experts within 50% of the units, with
     # compensation, and reloading it gives the perplexity the run printed
     saved = json.loads((run / "model" / "config.json").read_text())

@@ -27,8 +27,7 @@ PLANNED_STAGES: tuple[str, ...] = ()
 
 def run_config(args) -> RunConfig:
     """A `RunConfig` from `--config FILE` (if given) with the command's own options on top."""
-    from tinyonn.clustering import ClusterConfig
-    from tinyonn.pipeline import RunConfig, small_train_config
+    from tinyonn.pipeline import RunConfig, default_cluster_config, small_train_config
 
     runs = Path(args.runs or "stores/runs") / (args.run or "default")
     if getattr(args, "config", None):
@@ -47,7 +46,7 @@ def run_config(args) -> RunConfig:
     cluster = {name: getattr(args, name) for name in ("method", "keep_fraction", "seed")
                if getattr(args, name, None) is not None}
     if cluster:
-        changes["cluster"] = dataclasses.replace(base.cluster or ClusterConfig(), **cluster)
+        changes["cluster"] = dataclasses.replace(base.cluster or default_cluster_config(), **cluster)
     if getattr(args, "labels", None) is not None:
         changes["explain"] = dataclasses.replace(base.explain, labels=args.labels)
     if getattr(args, "no_train", False):
@@ -126,6 +125,10 @@ def cmd_extract(args) -> int:
     report = evaluate_partitions(run_dir / "scores.zarr", args.teacher, run_dir, fractions=tuple(args.active_fraction),
                                  eval_per_category=args.eval_per_category or None, data=args.data)
     print(report_table(report))
+    best = report["ranking"][0]
+    print(f"best with a router: {best['partition']}, {best['routing']} routing, compensation "
+          f"{'on' if best['compensation'] else 'off'} (worst-category ratio {best['geomean_ppl_ratio_max']:.3f}, "
+          f"geometric mean over the fractions; saved models: {run_dir / 'models'}/<partition>)")
     print(f"report: {run_dir / 'report' / 'extract.json'}")
     return 0
 
@@ -162,7 +165,7 @@ def _teacher_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cluster_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default=None, choices=METHODS, help=f"partition (default {METHODS[0]})")
+    parser.add_argument("--method", default=None, choices=METHODS, help="partition (default coact-kmeans: the extraction table's best)")
     parser.add_argument("--keep-fraction", type=float, default=None, help="fraction of units kept (default 1)")
     parser.add_argument("--seed", type=int, default=None)
 

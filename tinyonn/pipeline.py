@@ -39,6 +39,13 @@ STAGES = ("probe", "cluster", "assemble", "train", "evaluate", "explain", "relea
 """The stages `run_pipeline` chains, in order (train only when `RunConfig.train` is set)."""
 
 
+def default_cluster_config() -> ClusterConfig:
+    """The partition of `tinyonn run`: the one the extraction table ranks best with a router on the
+    embedded default (`bench/results/extract_builtin.json`: co-activation k-means with the learned
+    router and compensation, geometric mean of the worst-category ratio over 25/50/75% active)."""
+    return ClusterConfig(method="coact-kmeans")
+
+
 def small_train_config() -> TrainConfig:
     """The default training of `tinyonn run`: SMK (phase 1 → phase 2 at the run's unit budget) on a
     token budget a 2-core CPU trains in minutes; a GPU run raises `max_tokens`."""
@@ -85,11 +92,13 @@ class RunConfig:
     probe_samples: int = 600
     """Probe samples, spread evenly over the data (0: load the teacher and stop)."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cluster: ClusterConfig = field(default_factory=default_cluster_config)
+    """The partition (default: the extraction table's best, `default_cluster_config`)."""
     active_fraction: float = 0.5
     """Fraction of the teacher's FFN units active per token in the saved model (shared + routed)."""
     routing: Literal["oracle", "analytic", "learned"] = "learned"
-    """How the saved model picks experts within that budget (`tinyonn.evaluation.extract.convert`):
+    """How the saved model picks experts within that budget (`tinyonn.evaluation.extract.convert`;
+    the default is the extraction table's best router):
     "analytic" (each expert scored by its representative unit, a load-balancing bias; no training),
     "learned" (that router warmed up on the teacher's per-token expert mass), or "oracle" (the
     experts of largest activation mass from the layer's dense activations: the best any router
