@@ -15,4 +15,5 @@ from tinyonn.clustering.cluster import baseline_config, cluster
 from tinyonn.clustering.config import METHODS, ClusterConfig
 from tinyonn.clustering.plan import ExpertPlan, LayerPlan
 
-__all__ = ["METHODS", "Calibration", "CalibrationConfig", "ClusterConfig", "ExpertPlan", "LayerPlan", "baseline_config", "cluster"]
+__all__ = ["METHODS", "Calibration", "CalibrationConfig", "ClusterConfig", "ExpertPlan", "LayerPlan",
+           "baseline_config", "cluster"]
