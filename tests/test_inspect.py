@@ -82,10 +82,12 @@ def test_default_codec_keeps_older_fingerprints():
     older = hashlib.sha256()
     older.update(b"teacher")
     values = dataclasses.asdict(config)
-    del values["per_sample_codec"]  # what a store probed before the option recorded
+    for name in ("per_sample_codec", "grad_target", "target_seed"):  # options added after stores were probed
+        del values[name]
     older.update(json.dumps(values, sort_keys=True, default=str).encode())
     assert _fingerprint("teacher", samples, config) == older.hexdigest()
     assert _fingerprint("teacher", samples, dataclasses.replace(config, per_sample_codec="none")) != older.hexdigest()
+    assert _fingerprint("teacher", samples, dataclasses.replace(config, grad_target="teacher")) != older.hexdigest()
 
 
 def test_inspect_summary(run_dir, capsys):
