@@ -9,7 +9,8 @@ from tinyonn.store.scores import ScoreConfig
 
 Method = Literal["pidiff-hdbscan", "random", "coact-kmeans", "cmoe"]
 METHODS: tuple[Method, ...] = get_args(Method)
-"""Every cluster method, the default first (the CLI's choices, the partitions `evaluate_partitions` compares)."""
+"""Every cluster method, `ClusterConfig`'s default first (the CLI's choices, the partitions `evaluate_partitions`
+compares in this order; `tinyonn run` defaults to the measured best, `pipeline.default_cluster_config`)."""
 
 
 @dataclass(frozen=True)
