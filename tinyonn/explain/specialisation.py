@@ -14,26 +14,24 @@ import numpy as np
 from tinyonn.explain.routing import RoutingRecord
 
 
-def domain_share(record: RoutingRecord, layer: int) -> np.ndarray:
-    """[C, E] fraction of each category's tokens routed to each expert."""
-    mask = record.masks[layer].astype(np.float64)
-    share = np.zeros((len(record.categories), mask.shape[1]))
-    for c in range(len(record.categories)):
-        rows = record.category == c
-        if rows.any():
-            share[c] = mask[rows].mean(axis=0)
-    return share
-
-
-def mean_activation(record: RoutingRecord, layer: int) -> np.ndarray:
-    """[C, E] mean over each category's tokens of each expert's mean |h|."""
-    values = record.activation[layer].astype(np.float64)
+def per_category_mean(record: RoutingRecord, values: np.ndarray) -> np.ndarray:
+    """[C, E] mean of per-token `values` [N, E] over each category's tokens (0 where a category has none)."""
     table = np.zeros((len(record.categories), values.shape[1]))
     for c in range(len(record.categories)):
         rows = record.category == c
         if rows.any():
-            table[c] = values[rows].mean(axis=0)
+            table[c] = values[rows].astype(np.float64).mean(axis=0)
     return table
+
+
+def domain_share(record: RoutingRecord, layer: int) -> np.ndarray:
+    """[C, E] fraction of each category's tokens routed to each expert."""
+    return per_category_mean(record, record.masks[layer])
+
+
+def mean_activation(record: RoutingRecord, layer: int) -> np.ndarray:
+    """[C, E] mean over each category's tokens of each expert's mean |h|."""
+    return per_category_mean(record, record.activation[layer])
 
 
 def uniform_rate(record: RoutingRecord, layer: int) -> float:
