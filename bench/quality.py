@@ -93,7 +93,8 @@ def merge(paths: list[str], out: str) -> None:
             raise SystemExit(f"{path}: settings differ from {paths[0]}'s: not the same budget")
     rows = [{"device": part["device"], **row} for part in parts for row in part["rows"]]
     merged = {**first, "device": " + ".join(dict.fromkeys(row["device"] for row in rows)),
-              "command": [p["command"] for p in parts], "parts": [Path(p).name for p in paths], "rows": rows}
+              "command": [p["command"] for p in parts], "dates": [p["date"] for p in parts],
+              "parts": [Path(p).name for p in paths], "rows": rows}
     Path(out).write_text(json.dumps(merged, indent=1))
     print(f"{len(merged['rows'])} rows → {out}")
 
