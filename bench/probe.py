@@ -3,13 +3,16 @@
 For each shape (Qwen3-0.6B and Qwen3-4B sizes, random weights, batch 8×512), in one run:
   train  — a plain training step: forward + backward with weight gradients (bf16 weights),
            with the model under torch.compile (train_tok_s) and eager (train_eager_tok_s)
-  probe  — `tinyonn.probe.run.probe_batch` (bf16): forward + backward to activations + exact stats,
-           with the decoder glue compiled (probe_tok_s) and eager (probe_eager_tok_s)
-  nf4    — the same probe on bitsandbytes nf4 weights (4B only)
+  probe  — `tinyonn.probe.run.probe_batch` (bf16) on the tapped graph (`tinyonn.probe.graph`): one
+           compiled forward, one compiled backward to the activation taps, compiled statistics
+           (probe_tok_s); the same graph eager (probe_eager_tok_s); with --hooks also the hook
+           engine, compiled glue (probe_hooks_tok_s)
+  nf4    — the same compiled probe on bitsandbytes nf4 weights (4B only)
   naive  — `torch.func.vmap(grad(...))` over the MLP and o_proj weights (null when it runs out of memory)
-Writes bench/results/probe.json and prints a table.
+  long   — with --long: train and probe at batch 2×2048 (`seq2048`), the method chosen by FLOPs
+Writes bench/results/probe.json (merging shapes into an existing file with --merge) and prints a table.
 
-    python bench/probe.py [--shapes 0.6B 4B] [--iters 5]
+    python bench/probe.py [--shapes 0.6B 4B] [--iters 5] [--long] [--merge]
 """
 
 from __future__ import annotations
@@ -109,17 +112,9 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def run_shape(shape: str, iters: int) -> dict:
-    from tinyonn.config import ProbeConfig
-    from tinyonn.probe.run import probe_batch
-    from tinyonn.probe.reference import per_sample_grad_norms
-
-    tokens = BATCH * SEQ
-    model = make_model(shape)
-    batch = make_batch(model.config.vocab_size)
-    gpu = {k: v.to(DEVICE) for k, v in (("input_ids", batch.input_ids), ("labels", batch.labels))}
-    out: dict = {"batch": BATCH, "seq": SEQ, "parameters": sum(p.numel() for p in model.parameters())}
-
+def measure_train(model, gpu: dict, tokens: int, iters: int, eager: bool = True) -> dict:
+    """Compiled (and eager) training step tok/s and peak GiB: forward + backward with weight grads."""
+    out = {}
     compiled_model = torch.compile(model)
 
     def train_step(net):
@@ -129,21 +124,46 @@ def run_shape(shape: str, iters: int) -> dict:
             p.grad = None
 
     model.requires_grad_(True)
-    seconds, peak = timed(lambda: train_step(model), iters)
-    out.update(train_eager_tok_s=tokens / seconds, train_eager_peak_gib=peak)
-    release()
+    if eager:
+        seconds, peak = timed(lambda: train_step(model), iters)
+        out.update(train_eager_tok_s=tokens / seconds, train_eager_peak_gib=peak)
+        release()
     seconds, peak = timed(lambda: train_step(compiled_model), iters)
     out.update(train_tok_s=tokens / seconds, train_peak_gib=peak)
     model.requires_grad_(False)
     release()
+    return out
 
-    eager, compiled = ProbeConfig(dtype="bfloat16"), ProbeConfig(dtype="bfloat16", compile=True)
-    seconds, peak = timed(lambda: probe_batch(model, batch, eager), iters)
+
+def run_shape(shape: str, iters: int, hooks: bool = False, long: bool = False) -> dict:
+    global BATCH, SEQ
+    from tinyonn.config import ProbeConfig
+    from tinyonn.probe.run import probe_batch
+    from tinyonn.probe.reference import per_sample_grad_norms
+
+    tokens = BATCH * SEQ
+    model = make_model(shape)
+    batch = make_batch(model.config.vocab_size)
+    gpu = {k: v.to(DEVICE) for k, v in (("input_ids", batch.input_ids), ("labels", batch.labels))}
+    out: dict = {"batch": BATCH, "seq": SEQ, "parameters": sum(p.numel() for p in model.parameters())}
+    out.update(measure_train(model, gpu, tokens, iters))
+
+    graph, graph_eager = (ProbeConfig(dtype="bfloat16", compile=True, engine="graph"),
+                          ProbeConfig(dtype="bfloat16", engine="graph"))
+    seconds, peak = timed(lambda: probe_batch(model, batch, graph_eager), iters)
     out.update(probe_eager_tok_s=tokens / seconds, probe_eager_peak_gib=peak)
     release()
-    seconds, peak = timed(lambda: probe_batch(model, batch, compiled), iters)
+    started = time.time()
+    probe_batch(model, batch, graph)
+    out["probe_first_call_s"] = time.time() - started  # compile time
+    seconds, peak = timed(lambda: probe_batch(model, batch, graph), iters)
     out.update(probe_tok_s=tokens / seconds, probe_peak_gib=peak)
     release()
+    if hooks:
+        seconds, peak = timed(lambda: probe_batch(model, batch, ProbeConfig(dtype="bfloat16", compile=True,
+                                                                             engine="hooks")), iters)
+        out.update(probe_hooks_tok_s=tokens / seconds, probe_hooks_peak_gib=peak)
+        release()
 
     try:
         seconds, peak = timed(lambda: per_sample_grad_norms(model, batch), max(1, iters // 2))
@@ -154,11 +174,32 @@ def run_shape(shape: str, iters: int) -> dict:
         out.update(naive_tok_s=None, naive_peak_gib=None, naive_error=f"{type(err).__name__}: {err}"[:300])
     release()
 
+    if long:  # batch 2 × 2048: the method (Grams or direct) chosen per shape by FLOP count
+        from tinyonn.probe.unit_stats import choose_method, direct_flops, gram_flops
+
+        saved = BATCH, SEQ
+        BATCH, SEQ = 2, 2048
+        try:
+            long_batch = make_batch(model.config.vocab_size)
+            long_gpu = {k: v.to(DEVICE) for k, v in (("input_ids", long_batch.input_ids), ("labels", long_batch.labels))}
+            row = {"batch": BATCH, "seq": SEQ, "unit_method": choose_method(
+                "auto", gram_flops(SEQ, model.config.hidden_size, model.config.intermediate_size),
+                direct_flops(SEQ, model.config.hidden_size, model.config.intermediate_size))}
+            row.update(measure_train(model, long_gpu, BATCH * SEQ, iters, eager=False))
+            seconds, peak = timed(lambda: probe_batch(model, long_batch, graph), iters)
+            row.update(probe_tok_s=BATCH * SEQ / seconds, probe_peak_gib=peak)
+            row["probe_over_train"] = row["probe_tok_s"] / row["train_tok_s"]
+            out["seq2048"] = row
+        finally:
+            BATCH, SEQ = saved
+        release()
+
     if shape == "4B" and DEVICE == "cuda":
         quantize_nf4(model)
-        seconds, peak = timed(lambda: probe_batch(model, batch, compiled), iters)
+        seconds, peak = timed(lambda: probe_batch(model, batch, graph), iters)
         out.update(probe_nf4_tok_s=tokens / seconds, probe_nf4_peak_gib=peak)
-    model = compiled_model = None  # free the GPU memory before the next shape
+        out["probe_nf4_over_train"] = out["probe_nf4_tok_s"] / out["train_tok_s"]
+    model = None  # free the GPU memory before the next shape
     release()
     out["probe_over_train"] = out["probe_tok_s"] / out["train_tok_s"]
     out["probe_over_train_eager"] = out["probe_eager_tok_s"] / out["train_eager_tok_s"]
@@ -183,7 +224,7 @@ def profile_shape(shape: str) -> None:
         for p in model.parameters():
             p.grad = None
 
-    config = ProbeConfig(dtype="bfloat16", compile=True)
+    config = ProbeConfig(dtype="bfloat16", compile=True, engine="graph")
     for name, step, grad in (("train", train_step, True), ("probe", lambda: probe_batch(model, batch, config), False)):
         model.requires_grad_(grad)
         step(); step()
@@ -204,6 +245,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe.json"))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--seq", type=int, default=SEQ)
+    parser.add_argument("--hooks", action="store_true", help="also time the hook engine (history)")
+    parser.add_argument("--long", action="store_true", help="also train and probe at batch 2 × 2048")
+    parser.add_argument("--merge", action="store_true", help="add these shapes to an existing --out file")
     args = parser.parse_args(argv)
     DEVICE, SEQ = args.device, args.seq
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -222,9 +266,14 @@ def main(argv=None) -> int:
         for shape in args.shapes:
             profile_shape(shape)
         return 0
+    if args.merge and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+        results["shapes"] = previous.get("shapes", {})
+        results["runs"] = previous.get("runs", []) + [{k: previous[k] for k in ("date", "command") if k in previous}]
     for shape in args.shapes:
         started = time.time()
-        results["shapes"][shape] = run_shape(shape, args.iters)
+        results["shapes"][shape] = run_shape(shape, args.iters, hooks=args.hooks, long=args.long)
+        results["shapes"][shape]["date"] = results["date"]
         results["shapes"][shape]["bench_seconds"] = time.time() - started
         print(shape, json.dumps(results["shapes"][shape]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +285,11 @@ def main(argv=None) -> int:
         naive = f"{r['naive_tok_s']:,.0f}" if r.get("naive_tok_s") else "OOM"
         print(f"{shape:<6} {r['train_tok_s']:>12,.0f} {r['probe_tok_s']:>12,.0f} {r['probe_over_train']:>6.2f} "
               f"{nf4:>10} {naive:>12} {r['train_peak_gib']:>10.1f} {r['probe_peak_gib']:>10.1f}")
+        if "seq2048" in r:
+            long = r["seq2048"]
+            print(f"{shape + ' 2k':<6} {long['train_tok_s']:>12,.0f} {long['probe_tok_s']:>12,.0f} "
+                  f"{long['probe_over_train']:>6.2f} {'':>10} {long['unit_method']:>12} {long['train_peak_gib']:>10.1f} "
+                  f"{long['probe_peak_gib']:>10.1f}")
     return 0
 
 

@@ -60,6 +60,12 @@ class ProbeConfig:
     whatever the labels say. `samples/loss` is then the NLL of the drawn targets."""
     target_seed: int = 0
     """Seed of the "teacher" targets (per batch, from the batch's tokens: resumes draw the same)."""
+    engine: Literal["auto", "hooks", "graph"] = "auto"
+    """How a batch is probed: "hooks" (forward and tensor hooks on the projections, one vmapped
+    statistics call per layer during the backward), "graph" (zero activation taps as inputs of one
+    decoder graph, one backward to all taps, then the statistics; `tinyonn.probe.graph`; with
+    `compile` one compiled forward and backward) or "auto": graph on a GPU for the decoder families
+    it supports, hooks otherwise."""
     sort_by_length: bool = True
     """Batch samples of similar length together inside a chunk (less padding); results keep the
     data set's order."""

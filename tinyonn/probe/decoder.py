@@ -130,10 +130,14 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.
     return normed
 
 
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+"""The `model_type`s whose decoder this module writes out."""
+
+
 def supports(model) -> bool:
     """Whether `decoder_hidden_states` can run this model (a Llama-family decoder)."""
     inner = getattr(model, "model", None)
     return (inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers")
             and all(hasattr(layer.self_attn, "scaling") for layer in inner.layers)
-            and model.config.model_type in ("qwen3", "qwen2", "llama", "mistral")
+            and model.config.model_type in FAMILIES
             and type(model).__module__ in sys.modules)

@@ -150,6 +150,8 @@ def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLa
     elif config.grad_target != "label":
         raise ValueError(f"ProbeConfig.grad_target must be 'label' or 'teacher', got {config.grad_target!r}")
     device = next(model.parameters()).device
+    if uses_graph(model, config):
+        return _graph_batch(model, batch, config, device)
     num_heads = model.config.num_attention_heads
     layers = decoder_layers(model)
     captures = [
@@ -187,6 +189,38 @@ def probe_batch(model, batch: Batch, config: ProbeConfig, layout: Sequence[FFNLa
     )
 
 
+def uses_graph(model, config: ProbeConfig) -> bool:
+    """Whether `probe_batch` runs the tapped graph (`tinyonn.probe.graph`) rather than the hooks."""
+    from tinyonn.probe import graph
+
+    if config.engine == "hooks":
+        return False
+    if config.engine == "graph":
+        if not graph.supports(model):
+            raise ValueError(f"ProbeConfig.engine='graph' needs a Llama-family decoder ({', '.join(decoder.FAMILIES)}); "
+                             f"{type(model).__name__} is probed with engine='hooks'")
+        return True
+    if config.engine != "auto":
+        raise ValueError(f"ProbeConfig.engine must be auto, hooks or graph, got {config.engine!r}")
+    return next(model.parameters()).device.type == "cuda" and graph.supports(model)
+
+
+def _graph_batch(model, batch: Batch, config: ProbeConfig, device: torch.device) -> BatchStats:
+    from tinyonn.probe import graph
+
+    input_ids, attention_mask, labels = (batch.input_ids.to(device), batch.attention_mask.to(device),
+                                         batch.labels.to(device))
+    if config.compile:  # a few length buckets, each compiled once
+        pad_id = int(batch.input_ids[batch.attention_mask == 0][0]) if bool((batch.attention_mask == 0).any()) else 0
+        input_ids, attention_mask, labels = graph.pad_to_bucket(input_ids, attention_mask, labels, pad_id)
+    stats = graph.graph_probe_batch(model, input_ids, attention_mask, labels, config)
+    empty = torch.zeros(len(batch.input_ids), 0)
+    cpu = {key: value.float().cpu() for key, value in stats.items()}
+    return BatchStats(act=cpu["act"], freq=cpu["freq"], grad=cpu["grad"], taylor=cpu["taylor"],
+                      head_out=cpu.get("head_out", empty), head_grad=cpu.get("head_grad", empty),
+                      loss=cpu["loss"], n_tokens=(batch.labels != -100).sum(1).int())
+
+
 def unit_table(layout: Sequence[FFNLayer]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Layer, index and down_proj column norm of every unit, layers concatenated."""
     layers, indices, norms = [], [], []
@@ -201,7 +235,8 @@ def _fingerprint(teacher_id: str, samples: Sequence[EncodedSample], config: Prob
     digest = hashlib.sha256()
     digest.update(teacher_id.encode())
     values = dataclasses.asdict(config)
-    for name, default in (("per_sample_codec", "zstd"), ("grad_target", "label"), ("target_seed", 0)):
+    for name, default in (("per_sample_codec", "zstd"), ("grad_target", "label"), ("target_seed", 0),
+                          ("engine", "auto")):
         if values[name] == default:  # defaults of later fields stay out: older stores keep their fingerprint
             del values[name]
     digest.update(json.dumps(values, sort_keys=True, default=str).encode())
