@@ -379,7 +379,7 @@ def test_parameter_roles(teacher):
 LOG_FIELDS = {"step", "phase", "epoch", "lr", "loss", "ce", "kd", "balance", "router_distill", "z_loss", "pi", "tau",
               "surprise", "grad_norm", "tokens", "response_tokens", "tokens_seen", "surprise_mean", "surprise_max",
               "min_k", "act_k", "experts_updated", "active_experts", "active_units", "active_experts_mean",
-              "active_units_mean", "active_unit_fraction", "val_loss", *TIMING_FIELDS}
+              "active_units_mean", "active_unit_fraction", "val_loss", "skipped", "skipped_steps", *TIMING_FIELDS}
 
 
 def short_config(**overrides) -> TrainConfig:

@@ -16,7 +16,7 @@
 """
 
 from tinyonn.training.config import Phase1Config, Phase2Config, TrainConfig
-from tinyonn.training.loop import TIMING_FIELDS, train
+from tinyonn.training.loop import TIMING_FIELDS, NonFiniteStepWarning, train
 from tinyonn.training.run import train_run
 
-__all__ = ["Phase1Config", "Phase2Config", "TIMING_FIELDS", "TrainConfig", "train", "train_run"]
+__all__ = ["NonFiniteStepWarning", "Phase1Config", "Phase2Config", "TIMING_FIELDS", "TrainConfig", "train", "train_run"]

@@ -13,6 +13,11 @@ Everything a step computes stays on the device: the loss positions come from the
 batch, routing counts and losses are accumulated as tensors, and the log's values are read back in
 one transfer at the end of the step (or every `log_every` steps), the step's only host sync.
 
+A step whose loss or gradient norm is NaN or inf is skipped: the optimiser leaves every weight,
+moment and step count as it was (decided on the device, no host sync), the data and schedule move on
+to the next step, and the log records it (`skipped: true`, the run's count in `skipped_steps`, in the
+summary too) with a `NonFiniteStepWarning` naming the step.
+
 Each step appends one JSON line to `log.jsonl`; checkpoints are written every `checkpoint_every`
 steps, at the end, and when SIGTERM/SIGINT arrives (the signal is deferred to the end of the step,
 the checkpoint written, then the signal re-raised with the previous handler).
@@ -57,6 +62,10 @@ from tinyonn.training.phases import phase1_done, phase1_routing, phase2_routing
 from tinyonn.training.rules import keep_grid, zero_dropped_rows
 from tinyonn.training.surprise import ExpertRows, entropy_sum, global_surprise, min_k_tensor, pi_score
 
+class NonFiniteStepWarning(RuntimeWarning):
+    """A training step's loss or gradient was NaN or inf: its optimiser step was skipped."""
+
+
 TIMING_FIELDS = ("step_seconds", "tok_per_s", "elapsed_s", "memory_gib")
 """Log fields that measure the machine, not the training: they differ between identical runs."""
 CONFIG_FIELDS_FREE_ON_RESUME = ("progress", "checkpoint_every", "keep_checkpoints", "log_every")
@@ -77,6 +86,8 @@ class RunState:
     distill_history: list[float] = field(default_factory=list)
     """Phase 1's router distillation loss per step (the convergence rule reads it)."""
     log_lines: int = 0
+    skipped_steps: int = 0
+    """Steps whose loss or gradient was not finite (no optimiser update)."""
     elapsed_s: float = 0.0
     validation_before: dict | None = None
     validation_teacher: dict | None = None
@@ -421,7 +432,8 @@ class Trainer:
             lr = scheduled_lr(state.step, len(self.plan), config.lr, config.warmup_steps, config.min_lr_ratio)
             lr_value = lr * pi if config.pi_modulated_lr else lr
             set_learning_rate(self.optimizer, lr_value)
-            self.optimizer.step(row_masks)
+            finite = torch.isfinite(sums["loss"]) & torch.isfinite(surprise) & torch.isfinite(grad_norm)
+            self.optimizer.step(row_masks, finite=finite)
             self.optimizer.zero_grad(set_to_none=True)
 
         state.tokens_seen += planned.tokens
@@ -432,12 +444,12 @@ class Trainer:
             "response_tokens": planned.response_tokens, "tokens_seen": state.tokens_seen,
             "surprise_mean": [], "surprise_max": [], "min_k": [], "act_k": [], "experts_updated": [],
             "active_experts": [], "active_units": [], "active_experts_mean": None, "active_units_mean": None,
-            "active_unit_fraction": 1.0, "val_loss": None,
+            "active_unit_fraction": 1.0, "val_loss": None, "skipped": None, "skipped_steps": None,
             "step_seconds": None, "tok_per_s": None, "elapsed_s": None, "memory_gib": memory_gib(self.device),
         }
         tensors = {"loss": sums["loss"], "ce": epsilon, "kd": sums["kd"], "balance": sums["balance"],
                    "router_distill": sums["router_distill"], "z_loss": sums["z_loss"], "pi": pi, "tau": tau,
-                   "surprise": surprise, "grad_norm": grad_norm, **layer_tensors}
+                   "surprise": surprise, "grad_norm": grad_norm, "skipped": ~finite, **layer_tensors}
         if config.pi_modulated_lr:
             tensors["lr"] = lr_value
         if state.phase == 1:
@@ -472,6 +484,7 @@ class Trainer:
     # ------------------------------------------------------------------ logging
 
     INT_FIELDS = ("min_k", "act_k", "experts_updated")
+    BOOL_FIELDS = ("skipped",)
 
     def _flush(self) -> None:
         """Read every pending record's device values in one transfer (the host sync), then write the
@@ -493,6 +506,8 @@ class Trainer:
                 at += size
                 if key in self.INT_FIELDS:
                     chunk = [int(v) for v in chunk]
+                elif key in self.BOOL_FIELDS:
+                    chunk = [bool(v) for v in chunk]
                 record[key] = chunk if tensor.dim() else chunk[0]
             if self.layers:
                 count = len(self.layers)
@@ -505,7 +520,13 @@ class Trainer:
             state.elapsed_s += seconds
             record.update(step_seconds=seconds, tok_per_s=record["tokens"] / max(seconds, 1e-9),
                           elapsed_s=state.elapsed_s)
-            if record["phase"] == 1:
+            if record["skipped"]:
+                state.skipped_steps += 1
+                warnings.warn(f"training step {record['step']}: non-finite loss or gradient (loss {record['loss']}, "
+                              f"gradient norm {record['grad_norm']}): optimiser step skipped, training goes on "
+                              f"({state.skipped_steps} skipped so far)", NonFiniteStepWarning, stacklevel=2)
+            record["skipped_steps"] = state.skipped_steps
+            if record["phase"] == 1 and not record["skipped"]:
                 state.distill_history = (state.distill_history + [record["router_distill"]])[
                     -2 * self.config.phase1.converge_window:]
             self._log_file.write(json.dumps(record) + "\n")
@@ -621,6 +642,7 @@ class Trainer:
             "validation": {"teacher": state.validation_teacher, "before": state.validation_before,
                            "after": validation_after},
             "elapsed_s": state.elapsed_s, "tok_per_s": state.tokens_seen / max(state.elapsed_s, 1e-9),
+            "skipped_steps": state.skipped_steps,
             "resumed_from_step": resumed_from, "interrupted": interrupted,
             "model_dir": str(self.out_dir / "model") if not interrupted else None,
             "config": _json_ready(self.config), **self.notes,

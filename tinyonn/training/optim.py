@@ -8,6 +8,11 @@ row, so bias correction is per row. Without a mask the update is torch's AdamW (
 decay, then the moments, then `p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`). A masked update is
 the same arithmetic with per-row coefficients (no row selection, so no host sync): a row not kept
 is multiplied by 1 and moved by 0 (values unchanged; at most the sign of a zero can flip).
+
+`step(row_masks, finite=flag)` takes a 0-dim bool tensor on the device: where it is False (the
+step's loss or gradient was NaN/inf) no parameter, moment or step count changes, whatever the
+gradients hold; where it is True the update is bitwise the one without the flag. The flag is read
+on the device (`torch.where`), so skipping costs no host sync.
 """
 
 from __future__ import annotations
@@ -23,16 +28,24 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 @torch.no_grad()
 def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   step: torch.Tensor, keep: torch.Tensor | None, lr: float | torch.Tensor, beta1: float,
-                  beta2: float, eps: float, weight_decay: float) -> None:
+                  beta2: float, eps: float, weight_decay: float, finite: torch.Tensor | None = None) -> None:
     """One AdamW update in place on `param`, `exp_avg`, `exp_avg_sq` and the per-row step counts
     `step` [rows], of the rows where `keep` [rows] is True (None: every row). Rows not kept are not
     touched: their coefficients are 1 (decay, moment decay) and 0 (update), their gradient is read as
     0, so their weights and moments come out with the same values, and their step counts do not move.
-    Nothing here reads a tensor back to the host; `lr` may be a tensor."""
+    `finite` (0-dim bool, None: True): False leaves everything as it was, even with NaN gradients or
+    learning rate. Nothing here reads a tensor back to the host; `lr` may be a tensor."""
     shape = (-1,) + (1,) * (param.dim() - 1) if param.dim() else ()
+    if finite is not None:
+        finite = finite.to(param.device, torch.bool)
+        grad = grad.masked_fill(~finite, 0)
+        if isinstance(lr, torch.Tensor):
+            lr = torch.where(finite, lr, torch.zeros_like(lr))
+        if keep is not None:
+            keep = keep.to(param.device, torch.bool) & finite
     if keep is None:
-        step += 1
-        steps = step
+        step += 1 if finite is None else finite
+        steps = step if finite is None else step.clamp_min(1)
     else:
         keep = keep.to(param.device, torch.bool)
         step += keep
@@ -41,6 +54,17 @@ def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     steps = steps.to(torch.float64)
     step_size = (lr / (1 - beta1 ** steps)).to(param.dtype)
     bias_correction2_sqrt = (1 - beta2 ** steps).sqrt().to(param.dtype).reshape(shape)
+    if keep is None and finite is not None:  # the unmasked update, computed aside and kept only if finite
+        def commit(target: torch.Tensor, value: torch.Tensor) -> None:
+            target.copy_(torch.where(finite, value, target))
+
+        if weight_decay:
+            commit(param, param * (1 - lr * weight_decay))
+        commit(exp_avg, exp_avg.lerp(grad, 1 - beta1))
+        commit(exp_avg_sq, (exp_avg_sq * beta2).addcmul_(grad, grad, value=1 - beta2))
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        commit(param, param - step_size.reshape(shape) * exp_avg / denom)
+        return
     if keep is None:
         if weight_decay:
             param.mul_(1 - lr * weight_decay)
@@ -77,14 +101,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, row_masks: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:  # type: ignore[override]
+    def step(self, row_masks: Mapping[torch.Tensor, torch.Tensor] | None = None,  # type: ignore[override]
+             finite: torch.Tensor | None = None) -> None:
         """Update every parameter that has a gradient; a parameter in `row_masks` ([rows] bool,
-        True = update) changes only in its kept rows. No host syncs (a group's lr may be a tensor)."""
+        True = update) changes only in its kept rows; `finite` False (0-dim bool) skips the whole step.
+        No host syncs (a group's lr may be a tensor)."""
         row_masks = row_masks or {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             settings = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"])
+                            weight_decay=group["weight_decay"], finite=finite)
             for param in group["params"]:
                 if param.grad is None:
                     continue
