@@ -10,8 +10,9 @@ of `chunk_samples` values. Arrays with any other codec (Blosc, Zstd, ...) are no
 
 Why not a zarr `Store` that hands out mmap-backed buffers: zarr's codec pipeline verifies the crc32c
 of every chunk it decodes and copies the whole chunk, so every page of every touched chunk would be
-read. Mapped reads skip the checksum (it needs the whole chunk); `verify_checksums` checks them all
-on demand, and plain zarr reads still check every chunk they decode.
+read. Mapped reads skip the checksum (it needs the whole chunk); `ScoreStore.verify` checks them
+all on demand, and plain zarr reads still check every chunk they decode. A chunk file of the wrong
+size, or missing although the store's manifest says it was written, raises `StoreDamagedError`.
 """
 
 from __future__ import annotations
@@ -19,21 +20,19 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, TransposeCodec
 from zarr.storage import LocalStore
 
-from tinyonn.errors import TinyONNError
+from tinyonn.store.integrity import MappedReadError, StoreDamagedError, chunk_key
 
-
-class MappedReadError(TinyONNError, ValueError):
-    """A chunk file has the wrong size for its array, or a checksum does not match."""
+__all__ = ["ChunkFormat", "MappedArray", "MappedReadError", "chunk_format"]
 
 
 @dataclass(frozen=True)
@@ -81,11 +80,15 @@ class MappedArray:
 
     Indexing: integers, slices (any step) and at most one integer or boolean array per
     `__getitem__` (numpy and zarr agree there); `get_orthogonal_selection` takes one per axis.
-    Chunks not written yet read as the fill value. Results are new numpy arrays.
+    Chunks not written yet read as the fill value, unless `expects` says the chunk was written:
+    then its absence raises `StoreDamagedError`. Results are new numpy arrays.
     """
 
-    def __init__(self, array: zarr.Array, directory: str | os.PathLike):
-        """`array`: the zarr array (for its metadata); `directory`: the folder of its zarr.json."""
+    def __init__(self, array: zarr.Array, directory: str | os.PathLike,
+                 expects: Callable[[tuple[int, ...]], bool] | None = None, name: str | None = None):
+        """`array`: the zarr array (for its metadata); `directory`: the folder of its zarr.json;
+        `expects`: whether chunk `coords` was written (a store's `ChunkManifest`), else never;
+        `name`: the array's path inside its store ("per_sample/act"), for error messages."""
         fmt = chunk_format(array)
         if fmt is None:
             raise MappedReadError(f"{directory}: array is compressed or not a local Zarr v3 array; "
@@ -98,6 +101,9 @@ class MappedArray:
         self.dimension_names = array.metadata.dimension_names
         self.attrs: dict[str, Any] = dict(array.attrs)
         self.format = fmt
+        self._expects = expects
+        self.name = name or self.path.name
+        self._store_root = Path(*self.path.parts[:len(self.path.parts) - len(Path(self.name).parts)])
         self._encode_key = array.metadata.encode_chunk_key
         self._stored_shape = tuple(self.chunks[axis] for axis in fmt.order)
         self._inverse_order = tuple(int(i) for i in np.argsort(fmt.order))
@@ -167,13 +173,17 @@ class MappedArray:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
+            if self._expects is not None and self._expects(coords):
+                raise StoreDamagedError(self._store_root, self.name, chunk_key(coords), "missing",
+                                        "chunk file is missing (deleted?) although the writer wrote it") from None
             out[_outer(target)] = self.fill_value  # never written
             return
         try:
             size = os.fstat(fd).st_size
             if size != self._file_size:
-                raise MappedReadError(f"{path}: {size} bytes, expected {self._file_size} for a "
-                                      f"{self.chunks} {self.format.dtype} chunk; the store is damaged")
+                raise StoreDamagedError(self._store_root, self.name, chunk_key(coords), "size",
+                                        f"{size} bytes, expected {self._file_size} for a {self.chunks} "
+                                        f"{self.format.dtype} chunk (truncated?)")
             mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
@@ -189,29 +199,6 @@ class MappedArray:
             del stored, view, block
         finally:
             mapped.close()
-
-
-def verify_checksums(array: zarr.Array, directory: str | os.PathLike) -> int:
-    """Check the crc32c of every written chunk file of `array` (in `directory`); return how many were
-    checked (0 when the array has no crc32c codec). Raises `MappedReadError` naming a damaged chunk."""
-    if not any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs):
-        return 0
-    directory = Path(directory)
-    grid = [range(-(-s // c)) for s, c in zip(array.shape, array.chunks)]
-    checked = 0
-    for coords in itertools.product(*grid):
-        path = directory / array.metadata.encode_chunk_key(coords)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            continue
-        stored = data[-4:]
-        computed = np.uint32(google_crc32c.value(data[:-4])).tobytes()
-        if len(data) < 4 or stored != computed:
-            raise MappedReadError(f"{path}: crc32c checksum does not match (stored {stored.hex()}, "
-                                  f"computed {computed.hex()}); the chunk is damaged")
-        checked += 1
-    return checked
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,13 @@ left behind. Progress lives in `progress.json` (replaced atomically after a chun
 written; finalize moves it into the root attrs and deletes the file); root attrs are written at
 creation and at finalize only. Partial sums are float64 in a
 fixed order, so a resumed probe gives a store bitwise equal to an uninterrupted one.
+
+Damage is never read as data (`tinyonn.store.integrity`): every chunk the writer wrote is a file
+(`write_empty_chunks`), the layout and the progress record say which ones those are, and each ends
+in its crc32c; a missing, truncated or corrupted chunk raises `StoreDamagedError` naming the array
+and the chunk key on open (the small arrays), on every read, on resume and on finalize, and
+`ScoreStore.verify()` checks the whole store. The root attrs carry `store_format`, the mark that
+lets `overwrite=True` delete a store this project wrote and nothing else.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -50,7 +58,15 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from tinyonn.errors import TinyONNError
 from tinyonn.files import fsync_path
-from tinyonn.store.mapped import MappedArray, MappedReadError, chunk_format, verify_checksums
+from tinyonn.store.integrity import (
+    CheckedStore,
+    ChunkManifest,
+    ScoreStoreError,
+    StoreDamagedError,
+    find_missing,
+    verify_array,
+)
+from tinyonn.store.mapped import MappedArray, chunk_format
 
 SCHEMA_VERSION = 1
 UNIT_STATS = ("act", "freq", "grad", "taylor")
@@ -60,16 +76,19 @@ HEAD_STATS = ("head_out", "head_grad")
 PROGRESS_FILE = "progress.json"
 PER_SAMPLE_CODECS = ("zstd", "none")
 """How the per-sample arrays are stored: Blosc/Zstd, or raw unit-major chunks (memory-mappable)."""
-RESERVED_ATTRS = ("schema_version", "n_samples", "n_units", "n_heads", "chunk_samples", "unit_chunk",
-                  "per_sample", "per_sample_codec", "categories", "complete_chunks", "finalized")
+STORE_FORMAT = "tinyonn-score-store"
+"""The root attr `store_format` of every store this project writes (what `overwrite` looks for)."""
+RESERVED_ATTRS = ("schema_version", "store_format", "n_samples", "n_units", "n_heads", "chunk_samples",
+                  "unit_chunk", "per_sample", "per_sample_codec", "categories", "complete_chunks", "finalized")
 """Root attrs the store owns; caller attrs may not use these names."""
+PROBED_ARRAYS = frozenset(
+    [f"per_sample/{name}" for name in UNIT_STATS + HEAD_STATS] + [f"partials/{name}" for name in UNIT_STATS + HEAD_STATS]
+    + ["partials/count", "samples/n_tokens", "samples/loss"])
+"""Arrays written one probe chunk at a time (chunk row k = probe chunk k); every other array is
+written whole, at creation or at finalize."""
 
 _SUMMARY_READ_BYTES = 256 << 20
 """How many bytes of partials finalize reads at a time."""
-
-
-class ScoreStoreError(TinyONNError, ValueError):
-    """A score store is missing pieces, does not match the run, or is not a Tiny-ONN store."""
 
 
 class ScoreStoreNotFoundError(TinyONNError, FileNotFoundError):
@@ -114,9 +133,10 @@ class ScoreStoreWriter:
         """Use `ScoreStoreWriter.open`."""
         self.path = path
         self._layout = layout
-        self._group = zarr.open_group(path, mode="r+")
         self._complete = set(complete)
         self._finalized = finalized
+        self.manifest = ChunkManifest(PROBED_ARRAYS, lambda: self._complete)
+        self._group = _open_group(path, "r+", self.manifest)
         self._fingerprint = str(self._group.attrs["fingerprint"])
 
     @classmethod
@@ -146,6 +166,8 @@ class ScoreStoreWriter:
         store with the same fingerprint is returned as is (every chunk complete). The attrs of the
         run that created the store are kept on resume. `per_sample_codec`: "zstd" (Blosc/Zstd) or
         "none" (raw unit-major chunks that `ScoreStore.open(path, mmap=True)` maps), both checksummed.
+        `overwrite` deletes only a store this project wrote (its `store_format` mark, nothing else in
+        the folder); resuming refuses a store with a missing or damaged chunk (`StoreDamagedError`).
         """
         path = Path(path)
         _check_attrs(attrs)
@@ -165,16 +187,18 @@ class ScoreStoreWriter:
 
     @classmethod
     def _resume(cls, path: Path, layout: _Layout, fingerprint: str) -> ScoreStoreWriter:
-        group = _open_tinyonn_group(path, mode="r+", hint="pass overwrite=True to replace it, or use another path")
+        group = _open_tinyonn_group(path, mode="r+")
         stored = group.attrs.get("fingerprint")
         if stored != fingerprint:
             raise ScoreStoreError(
                 f"{path}: the score store there belongs to another run (fingerprint {stored!r}, this run "
-                f"{fingerprint!r}); pass overwrite=True to replace it, or use another path")
-        layout.check_matches(group, path)
-        if group.attrs.get("finalized", False):
-            return cls(path, layout, set(range(layout.n_chunks)), finalized=True)
-        return cls(path, layout, _read_progress(path, fingerprint), finalized=False)
+                f"{fingerprint!r}); rerun with --overwrite (API: overwrite=True) to replace it, or use another path")
+        finalized = bool(group.attrs.get("finalized", False))
+        complete = set(range(layout.n_chunks)) if finalized else _read_progress(path, fingerprint)
+        writer = cls(path, layout, complete, finalized=finalized)
+        layout.check_matches(writer._group, path)  # reads the creation arrays through the checked store
+        _check_present(path, dict(group.attrs), writer.manifest)
+        return writer
 
     # -- chunks
 
@@ -206,7 +230,13 @@ class ScoreStoreWriter:
         lay = self._layout
         start, stop = lay.chunk_range(k)
         arrays = _validate_stats(stats, stop - start, lay.n_units, lay.n_heads)
-        group = self._group
+        with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk written is a file
+            self._write_arrays(k, start, stop, arrays)
+        self._complete.add(k)
+        _write_progress(self.path, self._fingerprint, self._complete)
+
+    def _write_arrays(self, k: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
+        lay, group = self._layout, self._group
         stat_names = UNIT_STATS + (HEAD_STATS if lay.n_heads else ())
         if lay.per_sample:
             for name in stat_names:
@@ -218,8 +248,6 @@ class ScoreStoreWriter:
         for name in stat_names:
             group[f"partials/{name}"][k] = _category_sums(arrays[name], masks)
         group["partials/count"][k] = np.array([m.sum() for m in masks], dtype=np.int64)
-        self._complete.add(k)
-        _write_progress(self.path, self._fingerprint, self._complete)
 
     # -- finalize
 
@@ -298,13 +326,15 @@ def score_inputs(means: dict[str, np.ndarray], down_norm: np.ndarray | None) -> 
 class ScoreStore:
     """A score store opened read-only; arrays are lazy (slicing reads only the chunks it touches)."""
 
-    def __init__(self, path: Path, group: zarr.Group, mmap: bool = False):
+    def __init__(self, path: Path, group: zarr.Group, mmap: bool = False, manifest: ChunkManifest | None = None):
         """Use `ScoreStore.open`."""
         self.path = path
         self._group = group
         self.mmap = mmap
         self.attrs: dict[str, Any] = dict(group.attrs)
         self._mapped: dict[str, MappedArray] = {}
+        self.manifest = manifest or ChunkManifest(PROBED_ARRAYS, lambda: ())
+        """Which chunks the writer wrote (as of opening): their absence is damage, not fill values."""
 
     @classmethod
     def open(cls, path: str | os.PathLike, mmap: bool = False) -> ScoreStore:
@@ -314,9 +344,21 @@ class ScoreStore:
         `per_sample_codec="none"`) are read through memory maps of their chunk files (`MappedArray`:
         a read touches only the pages it needs and skips the chunk checksums; `verify()` checks them);
         every other array is read through zarr as usual, so any store opens either way.
+
+        Every read refuses damage: a chunk the writer wrote that is missing, or (zarr reads) whose
+        crc32c does not match, raises `StoreDamagedError` naming the array and chunk. Opening checks
+        that the chunks of the small arrays (samples, units, heads, summaries) are all there.
         """
         path = Path(path)
-        return cls(path, _open_tinyonn_group(path, mode="r"), mmap=mmap)
+        attrs = dict(_open_tinyonn_group(path, mode="r").attrs)
+        if attrs.get("finalized", False):
+            complete = frozenset(range(math.ceil(int(attrs["n_samples"]) / int(attrs["chunk_samples"]))))
+        else:
+            complete = frozenset(_read_progress(path, None))
+        manifest = ChunkManifest(PROBED_ARRAYS, lambda: complete)
+        group = _open_group(path, "r", manifest)
+        _check_present(path, attrs, manifest, skip=("per_sample/", "partials/"))
+        return cls(path, group, mmap=mmap, manifest=manifest)
 
     @property
     def n_samples(self) -> int:
@@ -365,7 +407,8 @@ class ScoreStore:
         if not self.mmap:
             return array
         if name not in self._mapped and chunk_format(array) is not None:
-            self._mapped[name] = MappedArray(array, self.path / name)
+            self._mapped[name] = MappedArray(array, self.path / name, name=name,
+                                             expects=lambda coords: self.manifest.expects(name, coords))
         return self._mapped.get(name, array)
 
     def is_mapped(self, name: str) -> bool:
@@ -373,14 +416,23 @@ class ScoreStore:
         return isinstance(self.array(name), MappedArray)
 
     def verify(self, names: Sequence[str] | None = None) -> int:
-        """Check the crc32c checksum of every written chunk of the arrays `names` (default: all);
-        return the number of chunks checked. Raises `ScoreStoreError` naming a damaged chunk."""
+        """Check the arrays `names` (default: every array, and that none the store should hold is
+        missing) chunk by chunk: every chunk the writer wrote is there and its crc32c matches.
+        Returns the number of chunk files checked; raises `StoreDamagedError` naming the array and
+        chunk key of the first damage found ("missing", "checksum"; "missing array")."""
+        if names is None:
+            present = set(self._array_names())
+            for name in _required_arrays(self.attrs):
+                if name not in present:
+                    raise StoreDamagedError(self.path, name, None, "missing array",
+                                            "array folder or its zarr.json is missing")
+            names = sorted(present)
         checked = 0
-        for name in names if names is not None else self._array_names():
-            try:
-                checked += verify_checksums(self._group[name], self.path / name)
-            except MappedReadError as e:
-                raise ScoreStoreError(str(e)) from e
+        for name in names:
+            array = self._node(name)
+            checksummed = any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs)
+            checked += verify_array(self.path, name, tuple(array.shape), tuple(array.chunks), checksummed,
+                                    self.manifest)
         return checked
 
     def summary_of(self, stat: str) -> np.ndarray:
@@ -394,22 +446,32 @@ class ScoreStore:
 
     def category_counts(self) -> dict[str, int]:
         """Category → number of samples."""
-        counts = np.bincount(np.asarray(self._group["samples/category"][:]), minlength=len(self.categories))
+        counts = np.bincount(np.asarray(self._node("samples/category")[:]), minlength=len(self.categories))
         return {name: int(counts[c]) for c, name in enumerate(self.categories)}
 
     def units(self) -> tuple[np.ndarray, np.ndarray]:
         """(layer, index) of every unit, [U] each."""
-        return np.asarray(self._group["units/layer"][:]), np.asarray(self._group["units/index"][:])
+        return np.asarray(self._node("units/layer")[:]), np.asarray(self._node("units/index")[:])
 
     def heads(self) -> tuple[np.ndarray, np.ndarray]:
         """(layer, index) of every attention head, [H] each (empty when H = 0)."""
         if not self.n_heads:
             return np.zeros(0, np.int16), np.zeros(0, np.int16)
-        return np.asarray(self._group["heads/layer"][:]), np.asarray(self._group["heads/index"][:])
+        return np.asarray(self._node("heads/layer")[:]), np.asarray(self._node("heads/index")[:])
 
     def down_norm(self) -> np.ndarray | None:
         """units/down_norm [U] float32 (norm of each unit's down_proj column), or None if not stored."""
-        return np.asarray(self._group["units/down_norm"][:]) if self.has("units/down_norm") else None
+        return np.asarray(self._node("units/down_norm")[:]) if self.has("units/down_norm") else None
+
+    def _node(self, name: str) -> zarr.Array:
+        """Array `name`, which the store must hold (its absence is damage)."""
+        try:
+            node = self._group[name]
+        except KeyError:
+            node = None
+        if not isinstance(node, zarr.Array):
+            raise StoreDamagedError(self.path, name, None, "missing array", "array folder or its zarr.json is missing")
+        return node
 
     def score_inputs(self) -> dict[str, np.ndarray]:
         """The dict `finalize` gave the score function: unit summaries and `down_norm` if stored."""
@@ -428,10 +490,14 @@ class ScoreStore:
             raise ScoreStoreError(f"{self.path}: not finalized ({done} of "
                                   f"{math.ceil(self.n_samples / self.attrs['chunk_samples'])} chunks written); "
                                   "summaries exist only after the probe finishes")
+        if name != "summary/score" and not self.has(name):
+            self._node(name)  # a finalized store holds every summary: a missing one is damage
         return self.array(name)
 
     def _array_names(self) -> list[str]:
-        return sorted(name for name, node in self._group.members(max_depth=None) if isinstance(node, zarr.Array))
+        with warnings.catch_warnings():  # progress.json beside the arrays is ours, not a stray object
+            warnings.filterwarnings("ignore", message=f"Object at {PROGRESS_FILE} is not recognized")
+            return sorted(name for name, node in self._group.members(max_depth=None) if isinstance(node, zarr.Array))
 
     def __repr__(self) -> str:
         return (f"ScoreStore({str(self.path)!r}, samples={self.n_samples}, units={self.n_units}, "
@@ -571,7 +637,8 @@ class _Layout:
         return k * self.chunk_samples, min(self.n_samples, (k + 1) * self.chunk_samples)
 
     def root_attrs(self) -> dict[str, Any]:
-        return dict(schema_version=SCHEMA_VERSION, n_samples=self.n_samples, n_units=self.n_units,
+        return dict(schema_version=SCHEMA_VERSION, store_format=STORE_FORMAT, n_samples=self.n_samples,
+                    n_units=self.n_units,
                     n_heads=self.n_heads, chunk_samples=self.chunk_samples, unit_chunk=self.unit_chunk,
                     per_sample=self.per_sample, per_sample_codec=self.per_sample_codec,
                     categories=list(self.categories), complete_chunks=[], finalized=False)
@@ -726,19 +793,90 @@ def _read_progress(path: Path, fingerprint: str | None) -> set[int]:
     return {int(k) for k in progress.get("complete_chunks", [])}
 
 
-def _open_tinyonn_group(path: Path, mode: str, hint: str = "") -> zarr.Group:
+def _open_tinyonn_group(path: Path, mode: str) -> zarr.Group:
     if not path.exists():
         raise ScoreStoreNotFoundError(f"{path}: no score store there")
+    foreign = ("Tiny-ONN replaces only the stores it wrote: choose another path, or move it away yourself")
     if not (path / "zarr.json").is_file():
-        raise ScoreStoreError(f"{path}: not a Zarr group, so not a Tiny-ONN score store"
-                              + (f"; {hint}" if hint else ""))
+        raise ScoreStoreError(f"{path}: not a Zarr group, so not a Tiny-ONN score store; {foreign}")
     group = zarr.open_group(path, mode=mode)
     version = group.attrs.get("schema_version")
     if version is None or "n_units" not in group.attrs:
-        raise ScoreStoreError(f"{path}: a Zarr group but not a Tiny-ONN score store" + (f"; {hint}" if hint else ""))
+        raise ScoreStoreError(f"{path}: a Zarr group but not a Tiny-ONN score store; {foreign}")
     if version != SCHEMA_VERSION:
         raise ScoreStoreError(f"{path}: score store schema {version}, this Tiny-ONN reads {SCHEMA_VERSION}")
     return group
+
+
+def _open_group(path: Path, mode: str, manifest: ChunkManifest) -> zarr.Group:
+    """The store's root group, read through a `CheckedStore` (damage raises instead of reading as fill)."""
+    return zarr.open_group(store=CheckedStore(path, read_only=mode == "r", manifest=manifest), mode=mode)
+
+
+def _required_arrays(attrs: dict[str, Any]) -> list[str]:
+    """The arrays a store with these root attrs holds (optional ones, units/down_norm and summary/score,
+    left out)."""
+    heads = int(attrs.get("n_heads", 0)) > 0
+    stats = UNIT_STATS + (HEAD_STATS if heads else ())
+    coordinates = ["unit_layer", "unit_index"] + (["head_layer", "head_index"] if heads else [])
+    names = ["samples/category", "samples/source_index", "samples/n_tokens", "samples/loss", "units/layer",
+             "units/index", "partials/count"] + [f"partials/{s}" for s in stats]
+    names += ["heads/layer", "heads/index"] if heads else []
+    if attrs.get("per_sample", False):
+        names += [f"per_sample/{s}" for s in stats] + [f"per_sample/{c}" for c in coordinates + ["sample_category"]]
+    if attrs.get("finalized", False):
+        names += [f"summary/{s}" for s in stats] + [f"summary/{c}" for c in coordinates]
+        names += [f"summary/by_category/{s}" for s in stats + ("count",)]
+        names += [f"summary/by_category/{c}" for c in coordinates + ["category"]]
+    return names
+
+
+def _check_present(path: Path, attrs: dict[str, Any], manifest: ChunkManifest, skip: tuple[str, ...] = (),
+                   require: bool = True) -> None:
+    """Raise `StoreDamagedError` for the first chunk the writer wrote that is not there, by listing the
+    array folders (no chunk is read). `skip`: array-name prefixes left out (the large arrays, on open);
+    `require`: a missing array is damage too (else only the arrays present are checked)."""
+    for name in _required_arrays(attrs) + ["units/down_norm", "summary/score"]:
+        if name.startswith(skip):
+            continue
+        try:  # the geometry straight from zarr.json: opening each array through zarr costs ~0.5 ms
+            meta = json.loads((path / name / "zarr.json").read_bytes())
+            shape, chunks = tuple(meta["shape"]), tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        except FileNotFoundError:
+            if require and name not in ("units/down_norm", "summary/score"):
+                raise StoreDamagedError(path, name, None, "missing array",
+                                        "array folder or its zarr.json is missing") from None
+            continue
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreDamagedError(path, name, "zarr.json", "metadata", f"unreadable array metadata ({e})") from e
+        missing = find_missing(path, name, shape, chunks, manifest)
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise StoreDamagedError(path, name, missing[0], "missing",
+                                    f"chunk file is missing (deleted?) although the writer wrote it{more}")
+
+
+STORE_GROUPS = ("per_sample", "samples", "units", "heads", "partials", "summary")
+"""The top-level groups of a score store."""
+
+
+def _foreign_files(path: Path, limit: int = 5) -> list[str]:
+    """Files under a store folder that its writer would not have written (at most `limit`)."""
+    foreign: list[str] = []
+    for folder, dirs, files in os.walk(path):
+        rel = Path(folder).relative_to(path)
+        if rel.parts and rel.parts[0] not in STORE_GROUPS:
+            foreign.append(f"{rel}/")
+            dirs[:] = []
+            continue
+        for name in files:
+            ours = name == "zarr.json" or "c" in rel.parts[1:] or (not rel.parts and (
+                name == PROGRESS_FILE or (name.startswith(f".{PROGRESS_FILE}.") and name.endswith(".tmp"))))
+            if not ours:
+                foreign.append(str(rel / name))
+        if len(foreign) >= limit:
+            break
+    return foreign[:limit]
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -746,12 +884,25 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 def _remove_store(path: Path) -> None:
-    """Delete an existing Zarr store at `path`; refuse anything else."""
-    if path.is_dir() and (path / "zarr.json").is_file():
-        shutil.rmtree(path)
-    else:
-        raise ScoreStoreError(f"{path}: exists and is not a Zarr store; refusing to overwrite it — remove it "
-                              "yourself or choose another path")
+    """Delete the score store at `path` if this project wrote it (its `store_format` mark, or an older
+    store's schema attrs) and the folder holds nothing else; refuse anything else."""
+    keep = "remove it yourself or choose another path"
+    if not (path.is_dir() and (path / "zarr.json").is_file()):
+        raise ScoreStoreError(f"{path}: exists and is not a Zarr store; refusing to overwrite it — {keep}")
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError) as e:
+        raise ScoreStoreError(f"{path}: unreadable zarr.json ({e}); refusing to overwrite it — {keep}") from e
+    ours = attrs.get("store_format") == STORE_FORMAT or (
+        attrs.get("store_format") is None and "schema_version" in attrs and "n_units" in attrs
+        and isinstance(attrs.get("fingerprint"), str))
+    if not ours:
+        raise ScoreStoreError(f"{path}: a Zarr store that Tiny-ONN did not write; refusing to overwrite it — {keep}")
+    foreign = _foreign_files(path)
+    if foreign:
+        raise ScoreStoreError(f"{path}: holds files a score store does not ({', '.join(foreign)}); refusing to "
+                              f"overwrite it — {keep}")
+    shutil.rmtree(path)
 
 
 # --------------------------------------------------------------------------------------------
