@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from tinyonn import distributed
 from tinyonn.config import DataConfig
 from tinyonn.data import Example, encode_examples
 from tinyonn.model.moe_layer import expert_mass
@@ -252,8 +253,7 @@ class Trainer:
         checkpoint = load_checkpoint(latest_checkpoint(self.checkpoint_dir)) \
             if resume and latest_checkpoint(self.checkpoint_dir) else None
         if checkpoint is None:
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-            self.log_path.unlink(missing_ok=True)
+            self._clear_outputs()
         self.model.to(self.device)
         self.teacher.to(self.device).eval().requires_grad_(False)
         if checkpoint is None and self.validation:
@@ -308,8 +308,17 @@ class Trainer:
         restore_rng_state(saved["rng"], checkpoint.rng)
         fields = {f for f in RunState.__dataclass_fields__}
         self.state = RunState(**{k: v for k, v in saved.items() if k in fields})
-        truncate_log(self.log_path, self.state.log_lines)
+        self._resume_log()
         self._last_saved_step = self.state.step
+
+    def _clear_outputs(self) -> None:
+        """A fresh run: no checkpoints, no log (`tinyonn.training.ddp` keeps rank 0's on other ranks)."""
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
+
+    def _resume_log(self) -> None:
+        """A resumed run: the log cut back to the lines the checkpoint recorded."""
+        truncate_log(self.log_path, self.state.log_lines)
 
     def _needs_layer_inputs(self) -> bool:
         phase1, phase2 = self.config.phase1, self.config.phase2
@@ -330,9 +339,10 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_autocast else nullcontext()
 
-    def _micro_batch(self, micro: MicroBatch, planned: PlannedStep, sums: dict) -> None:
+    def _micro_batch(self, micro: MicroBatch, planned: PlannedStep, sums: dict, scale: float = 1.0) -> None:
         """Forward and backward of one micro-batch; adds its loss parts and routing counts to `sums`
-        (device tensors only: nothing is read back)."""
+        (device tensors only: nothing is read back). `scale` multiplies the loss that is
+        backpropagated (0: a pass that only joins a data-parallel all-reduce)."""
         config, timer = self.config, self.timer
         with timer("collate"):
             batch = collate_micro_batch(self.arrays, micro, self.pad_id).to(self.device)
@@ -365,7 +375,7 @@ class Trainer:
             if self.layers:
                 loss = loss + self._router_losses(out.router_outputs, batch.token_weight, batch.tokens, planned, sums)
         with timer("backward"):
-            loss.backward()
+            (loss if scale == 1.0 else loss * scale).backward()
         sums["loss"] += loss.detach()
 
     def _router_losses(self, router_outputs, weights: torch.Tensor, count: int, planned: PlannedStep,
@@ -413,8 +423,7 @@ class Trainer:
         if self.layers:
             sums["expert_tokens"] = torch.zeros(self.rows.num_layers, self.rows.width, dtype=torch.float64,
                                                 device=self.device)
-        for micro in planned.layout:
-            self._micro_batch(micro, planned, sums)
+        self._accumulate(planned, sums)
 
         with timer("rule"):
             params = self.trained.parameters()
@@ -456,6 +465,16 @@ class Trainer:
             state.phase1_steps += 1
         state.step += 1
         return PendingRecord(record, tensors, time.perf_counter() - started)
+
+    def _accumulate(self, planned: PlannedStep, sums: dict) -> None:
+        """Forward and backward of every micro-batch of the step, gradients accumulated in `.grad`
+        (`tinyonn.training.ddp` runs this rank's share and sums over the ranks)."""
+        for micro in planned.layout:
+            self._micro_batch(micro, planned, sums)
+
+    def _stop_requested(self, signals: DeferredSignals) -> bool:
+        """Whether SIGTERM/SIGINT arrived (the run checkpoints and stops after the current step)."""
+        return signals.received is not None
 
     def _apply_rule(self, pi: torch.Tensor, planned: PlannedStep, sums: dict
                     ) -> tuple[dict[str, torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
@@ -580,7 +599,7 @@ class Trainer:
         self._log_file = open(self.log_path, "a")
         try:
             with signals:
-                while self.state.step < len(self.plan) and signals.received is None:
+                while self.state.step < len(self.plan) and not self._stop_requested(signals):
                     self._maybe_switch_phase()
                     pending = self._step(self.plan[self.state.step])
                     if self.config.eval_every and self.validation and self.state.step % self.config.eval_every == 0:
@@ -657,6 +676,10 @@ def train(model, teacher, tokenizer, examples: Sequence[Example], config: TrainC
     `summary.json`) and return the summary. `validation` examples are evaluated (held-out
     perplexity) for the teacher and the model before and after, and every `eval_every` steps;
     `resume` continues from the newest checkpoint in `out_dir/checkpoints`; `on_step(step, record)`
-    is called after each step; `notes` are added to the summary."""
-    trainer = Trainer(model, teacher, tokenizer, examples, config, out_dir, validation, on_step, notes)
+    is called after each step; `notes` are added to the summary. Under torchrun (WORLD_SIZE > 1)
+    each rank runs its share of every step through DistributedDataParallel (`tinyonn.training.ddp`)."""
+    trainer_class = Trainer
+    if distributed.launched():  # torchrun: data-parallel over the ranks
+        from tinyonn.training.ddp import DistributedTrainer as trainer_class
+    trainer = trainer_class(model, teacher, tokenizer, examples, config, out_dir, validation, on_step, notes)
     return trainer.run(resume=resume)

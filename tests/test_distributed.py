@@ -1,0 +1,123 @@
+"""Two ranks on the CPU (gloo) against one process.
+
+- `torchrun --nproc_per_node 2 -m tinyonn probe` writes the same score store as one process: every
+  array bitwise, the summaries too (each rank writes its own chunks; rank 0 sums the partials in
+  chunk order at finalize).
+- A 2-rank probe killed after some chunks resumes (with 2 ranks) to that same store.
+- Data-parallel SMK training (DDP, 3 micro-batches a step over 2 ranks, so one rank also makes a
+  zero-weight pass) gives one process's loss curve (every step's losses within 1e-5, the same
+  experts updated) and its final weights; rank 1 logs the same values as rank 0.
+
+The ranks of the last two are forked from this process (no new interpreter to start); the first
+goes through torchrun and the `tinyonn` module entry point as a user would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinyonn import distributed, load_probe_set, load_teacher
+from tinyonn.clustering.plan import full_plan
+from tinyonn.config import DataConfig, ProbeConfig
+from tinyonn.model.assemble import assemble
+from tinyonn.model.routing import RoutingConfig
+from tinyonn.training import Phase1Config, Phase2Config, TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+NUMERIC = ("loss", "ce", "kd", "balance", "router_distill", "z_loss", "pi", "tau", "surprise", "grad_norm")
+EXACT = ("step", "phase", "tokens", "response_tokens", "min_k", "act_k", "experts_updated", "skipped")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(target, size: int, timeout: float = 120.0) -> None:
+    """Run `target(rank)` in `size` forked processes joined into one gloo group; fail on any error."""
+    port = free_port()
+    context = multiprocessing.get_context("fork")
+    errors = context.SimpleQueue()
+
+    def body(rank: int) -> None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        code = 0
+        try:
+            target(rank)
+        except BaseException:  # noqa: BLE001  (reported to the parent)
+            errors.put(f"rank {rank}: {traceback.format_exc()}")
+            code = 1
+        distributed.shutdown()
+        os._exit(code)
+
+    processes = [context.Process(target=body, args=(rank,)) for rank in range(size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert all(p.exitcode == 0 for p in processes) and not failures, (
+        [p.exitcode for p in processes], "\n".join(failures))
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir):
+    return load_teacher(tiny_teacher_dir)[0]
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_ddp_training_matches_one_process(teacher, tiny_tokenizer, tmp_path):
+    student = assemble(teacher, full_plan(2, 128, 8, groups=2, seed=0), RoutingConfig(mode="all"))
+    examples = load_probe_set("builtin", "train")[::300]
+    config = TrainConfig(data=DataConfig(max_length=64, batch_size=4), micro_batch_tokens=None, grad_accum=3,
+                         max_steps=6, max_tokens=None, lr=3e-3, router_lr=1e-2, warmup_steps=1, z_loss_weight=1e-3,
+                         progress=False, phase1=Phase1Config(steps=2, min_k_fraction=0.25),
+                         phase2=Phase2Config(routing="budget", active_fraction=0.5), checkpoint_every=0,
+                         validation_per_category=0, device="cpu")
+    one = train(copy.deepcopy(student), teacher, tiny_tokenizer, examples, config, tmp_path / "one")
+    run_ranks(lambda rank: train(student, teacher, tiny_tokenizer, examples, config, tmp_path / "ddp"), 2)
+
+    logs = {name: [json.loads(line) for line in path.read_text().splitlines()]
+            for name, path in (("one", tmp_path / "one" / "log.jsonl"), ("ddp", tmp_path / "ddp" / "log.jsonl"),
+                               ("rank1", tmp_path / "ddp" / "ranks" / "log-rank1.jsonl"))}
+    assert len(logs["one"]) == len(logs["ddp"]) == len(logs["rank1"]) == 6
+    assert [r["phase"] for r in logs["ddp"]] == [1, 1, 2, 2, 2, 2]
+    for mine, theirs in zip(logs["ddp"], logs["one"]):
+        assert {k: mine[k] for k in EXACT} == {k: theirs[k] for k in EXACT}
+        for key in NUMERIC:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
+        assert mine["surprise_mean"] == pytest.approx(theirs["surprise_mean"], rel=1e-5, abs=1e-7)
+    assert all(a[k] == b[k] for a, b in zip(logs["ddp"], logs["rank1"]) for k in EXACT + NUMERIC)
+    assert one["steps"] == 6 and (tmp_path / "ddp" / "summary.json").is_file()
+    assert not (tmp_path / "ddp" / "ranks" / "checkpoints").exists()
+    ours = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    start = {name: value.detach() for name, value in student.state_dict().items()}
+    assert ours.keys() == reference.keys()
+    moved = max(float((reference[key] - start[key]).abs().max()) for key in reference if reference[key].numel())
+    assert moved > 1e-3  # it trained
+    for key in ours:  # the same update up to float sum order (Adam divides tiny gradients by their own size)
+        torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-3 * moved, msg=key)
