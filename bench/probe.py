@@ -8,7 +8,8 @@ For each shape (Qwen3-0.6B and Qwen3-4B sizes, random weights, batch 8×512), in
            (probe_tok_s); the same graph eager (probe_eager_tok_s); with --hooks also the hook
            engine, compiled glue (probe_hooks_tok_s)
   nf4    — the same compiled probe on bitsandbytes nf4 weights (4B only)
-  naive  — `torch.func.vmap(grad(...))` over the MLP and o_proj weights (null when it runs out of memory)
+  naive  — with --naive: `torch.func.vmap(grad(...))` over the MLP and o_proj weights (null when it
+           runs out of memory; minutes a shape on a GPU)
   long   — with --long: train and probe at batch 2×2048 (`seq2048`), the method chosen by FLOPs
 Writes bench/results/probe.json (merging shapes into an existing file with --merge) and prints a table.
 
@@ -135,7 +136,11 @@ def measure_train(model, gpu: dict, tokens: int, iters: int, eager: bool = True)
     return out
 
 
-def run_shape(shape: str, iters: int, hooks: bool = False, long: bool = False) -> dict:
+def progress(shape: str, out: dict) -> None:
+    print(shape, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
+
+
+def run_shape(shape: str, iters: int, hooks: bool = False, long: bool = False, naive: bool = False) -> dict:
     global BATCH, SEQ
     from tinyonn.config import ProbeConfig
     from tinyonn.probe.run import probe_batch
@@ -147,6 +152,7 @@ def run_shape(shape: str, iters: int, hooks: bool = False, long: bool = False) -
     gpu = {k: v.to(DEVICE) for k, v in (("input_ids", batch.input_ids), ("labels", batch.labels))}
     out: dict = {"batch": BATCH, "seq": SEQ, "parameters": sum(p.numel() for p in model.parameters())}
     out.update(measure_train(model, gpu, tokens, iters))
+    progress(shape, out)
 
     graph, graph_eager = (ProbeConfig(dtype="bfloat16", compile=True, engine="graph"),
                           ProbeConfig(dtype="bfloat16", engine="graph"))
@@ -165,14 +171,16 @@ def run_shape(shape: str, iters: int, hooks: bool = False, long: bool = False) -
         out.update(probe_hooks_tok_s=tokens / seconds, probe_hooks_peak_gib=peak)
         release()
 
-    try:
-        seconds, peak = timed(lambda: per_sample_grad_norms(model, batch), max(1, iters // 2))
-        out.update(naive_tok_s=tokens / seconds, naive_peak_gib=peak)
-    except torch.OutOfMemoryError:
-        out.update(naive_tok_s=None, naive_peak_gib=None, naive_error="out of memory")
-    except Exception as err:  # the naive route failing for another reason is recorded, not hidden
-        out.update(naive_tok_s=None, naive_peak_gib=None, naive_error=f"{type(err).__name__}: {err}"[:300])
-    release()
+    progress(shape, out)
+    if naive:
+        try:
+            seconds, peak = timed(lambda: per_sample_grad_norms(model, batch), max(1, iters // 2))
+            out.update(naive_tok_s=tokens / seconds, naive_peak_gib=peak)
+        except torch.OutOfMemoryError:
+            out.update(naive_tok_s=None, naive_peak_gib=None, naive_error="out of memory")
+        except Exception as err:  # the naive route failing for another reason is recorded, not hidden
+            out.update(naive_tok_s=None, naive_peak_gib=None, naive_error=f"{type(err).__name__}: {err}"[:300])
+        release()
 
     if long:  # batch 2 × 2048: the method (Grams or direct) chosen per shape by FLOP count
         from tinyonn.probe.unit_stats import choose_method, direct_flops, gram_flops
@@ -190,6 +198,7 @@ def run_shape(shape: str, iters: int, hooks: bool = False, long: bool = False) -
             row.update(probe_tok_s=BATCH * SEQ / seconds, probe_peak_gib=peak)
             row["probe_over_train"] = row["probe_tok_s"] / row["train_tok_s"]
             out["seq2048"] = row
+            progress(shape, out)
         finally:
             BATCH, SEQ = saved
         release()
@@ -246,6 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--seq", type=int, default=SEQ)
     parser.add_argument("--hooks", action="store_true", help="also time the hook engine (history)")
+    parser.add_argument("--naive", action="store_true", help="also time vmap(grad) (slow: minutes on a GPU)")
     parser.add_argument("--long", action="store_true", help="also train and probe at batch 2 × 2048")
     parser.add_argument("--merge", action="store_true", help="add these shapes to an existing --out file")
     args = parser.parse_args(argv)
@@ -272,8 +282,10 @@ def main(argv=None) -> int:
         results["runs"] = previous.get("runs", []) + [{k: previous[k] for k in ("date", "command") if k in previous}]
     for shape in args.shapes:
         started = time.time()
-        results["shapes"][shape] = run_shape(shape, args.iters, hooks=args.hooks, long=args.long)
+        results["shapes"][shape] = run_shape(shape, args.iters, hooks=args.hooks, long=args.long, naive=args.naive)
         results["shapes"][shape]["date"] = results["date"]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
         results["shapes"][shape]["bench_seconds"] = time.time() - started
         print(shape, json.dumps(results["shapes"][shape]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +294,7 @@ def main(argv=None) -> int:
           f"{'naive tok/s':>12} {'train GiB':>10} {'probe GiB':>10}")
     for shape, r in results["shapes"].items():
         nf4 = f"{r['probe_nf4_tok_s']:,.0f}" if r.get("probe_nf4_tok_s") else "-"
-        naive = f"{r['naive_tok_s']:,.0f}" if r.get("naive_tok_s") else "OOM"
+        naive = f"{r['naive_tok_s']:,.0f}" if r.get("naive_tok_s") else ("-" if "naive_tok_s" not in r else "OOM")
         print(f"{shape:<6} {r['train_tok_s']:>12,.0f} {r['probe_tok_s']:>12,.0f} {r['probe_over_train']:>6.2f} "
               f"{nf4:>10} {naive:>12} {r['train_peak_gib']:>10.1f} {r['probe_peak_gib']:>10.1f}")
         if "seq2048" in r:
