@@ -86,6 +86,32 @@ def teacher(tiny_teacher_dir):
     return load_teacher(tiny_teacher_dir)[0]
 
 
+# ---------------------------------------------------------------- the store with several writers
+
+
+def test_writers_of_disjoint_chunks_make_the_one_writer_store(tmp_path):
+    from tests.test_store import assert_stores_equal, full_store, make_data, open_writer, write_chunks
+    from tinyonn.store.scores import ScoreConfig, summary_score_fn
+    from tinyonn.store.zarr_store import ScoreStore
+
+    data = make_data()
+    full_store(tmp_path / "one.zarr", data)
+    path = tmp_path / "two.zarr"
+    first, second = open_writer(path, data, rank=0), open_writer(path, data, rank=1)
+    assert first.n_chunks == 4
+    write_chunks(first, data, [0])
+    write_chunks(second, data, [1])  # then both are killed
+    assert sorted(p.name for p in path.glob("progress*")) == ["progress.json", "progress.rank-0.json", "progress.rank-1.json"]
+    assert "2 of 4 chunks written" in str(pytest.raises(Exception, ScoreStore.open(path).summary_of, "act").value)
+    resumed = [open_writer(path, data, rank=0), open_writer(path, data, rank=1)]
+    assert resumed[0].pending_chunks() == resumed[1].pending_chunks() == [2, 3]
+    write_chunks(resumed[1], data, [3])
+    write_chunks(resumed[0], data, [2])  # rank 0 never saw chunk 3 written: finalize reads every progress file
+    resumed[0].finalize(summary_score_fn(ScoreConfig()), score_attrs={"formula": "pidiff"})
+    assert not list(path.glob("progress*"))
+    assert_stores_equal(tmp_path / "one.zarr", path)
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -27,7 +27,10 @@ named in each array's `coordinates` attribute), so `xarray.open_zarr(path, group
 probe chunk writes whole zarr chunks only, so a rewritten chunk never depends on what a killed run
 left behind. Progress lives in `progress.json` (replaced atomically after a chunk's arrays are all
 written; finalize moves it into the root attrs and deletes the file); root attrs are written at
-creation and at finalize only. Partial sums are float64 in a
+creation and at finalize only. Several writers may write disjoint chunks at once (the ranks of a
+sharded probe, `tinyonn.probe.sharded`): writer `rank` r records its chunks in
+`progress.rank-<r>.json`, every reader takes the union of the progress files, and one writer
+finalizes once the others are done. Partial sums are float64 in a
 fixed order, so a resumed probe gives a store bitwise equal to an uninterrupted one.
 
 Damage is never read as data (`tinyonn.store.integrity`): every chunk the writer wrote is a file
@@ -43,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -74,6 +78,8 @@ UNIT_STATS = ("act", "freq", "grad", "taylor")
 HEAD_STATS = ("head_out", "head_grad")
 """Per-head statistics, each [n, H]."""
 PROGRESS_FILE = "progress.json"
+RANK_PROGRESS = "progress.rank-{rank}.json"
+"""The progress file of writer `rank` (one of several writing disjoint chunks)."""
 PER_SAMPLE_CODECS = ("zstd", "none")
 """How the per-sample arrays are stored: Blosc/Zstd, or raw unit-major chunks (memory-mappable)."""
 STORE_FORMAT = "tinyonn-score-store"
@@ -127,14 +133,16 @@ class ChunkStats:
 
 
 class ScoreStoreWriter:
-    """Creates or resumes a score store and writes it one probe chunk at a time (single writer)."""
+    """Creates or resumes a score store and writes it one probe chunk at a time (one writer, or
+    several writing disjoint chunks, each with its `rank`)."""
 
-    def __init__(self, path: Path, layout: _Layout, complete: set[int], finalized: bool):
+    def __init__(self, path: Path, layout: _Layout, complete: set[int], finalized: bool, rank: int | None = None):
         """Use `ScoreStoreWriter.open`."""
         self.path = path
         self._layout = layout
         self._complete = set(complete)
         self._finalized = finalized
+        self._progress_file = PROGRESS_FILE if rank is None else RANK_PROGRESS.format(rank=int(rank))
         self.manifest = ChunkManifest(PROBED_ARRAYS, lambda: self._complete)
         self._group = _open_group(path, "r+", self.manifest)
         self._fingerprint = str(self._group.attrs["fingerprint"])
@@ -158,6 +166,7 @@ class ScoreStoreWriter:
         units_down_norm: Sequence[float] | np.ndarray | None = None,
         overwrite: bool = False,
         per_sample_codec: str = "zstd",
+        rank: int | None = None,
     ) -> ScoreStoreWriter:
         """Create the store at `path`, or resume the unfinished one there with the same fingerprint.
 
@@ -168,6 +177,8 @@ class ScoreStoreWriter:
         "none" (raw unit-major chunks that `ScoreStore.open(path, mmap=True)` maps), both checksummed.
         `overwrite` deletes only a store this project wrote (its `store_format` mark, nothing else in
         the folder); resuming refuses a store with a missing or damaged chunk (`StoreDamagedError`).
+        `rank`: this writer's number among several that write disjoint chunks of the same store at
+        once (its progress goes to its own file; only one of them creates the store and finalizes).
         """
         path = Path(path)
         _check_attrs(attrs)
@@ -181,12 +192,12 @@ class ScoreStoreWriter:
             if overwrite:
                 _remove_store(path)
             else:
-                return cls._resume(path, layout, fingerprint)
+                return cls._resume(path, layout, fingerprint, rank)
         _create(path, layout, attrs)
-        return cls(path, layout, set(), finalized=False)
+        return cls(path, layout, set(), finalized=False, rank=rank)
 
     @classmethod
-    def _resume(cls, path: Path, layout: _Layout, fingerprint: str) -> ScoreStoreWriter:
+    def _resume(cls, path: Path, layout: _Layout, fingerprint: str, rank: int | None = None) -> ScoreStoreWriter:
         group = _open_tinyonn_group(path, mode="r+")
         stored = group.attrs.get("fingerprint")
         if stored != fingerprint:
@@ -195,7 +206,7 @@ class ScoreStoreWriter:
                 f"{fingerprint!r}); rerun with --overwrite (API: overwrite=True) to replace it, or use another path")
         finalized = bool(group.attrs.get("finalized", False))
         complete = set(range(layout.n_chunks)) if finalized else _read_progress(path, fingerprint)
-        writer = cls(path, layout, complete, finalized=finalized)
+        writer = cls(path, layout, complete, finalized=finalized, rank=rank)
         layout.check_matches(writer._group, path)  # reads the creation arrays through the checked store
         _check_present(path, dict(group.attrs), writer.manifest)
         return writer
@@ -233,7 +244,7 @@ class ScoreStoreWriter:
         with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk written is a file
             self._write_arrays(k, start, stop, arrays)
         self._complete.add(k)
-        _write_progress(self.path, self._fingerprint, self._complete)
+        _write_progress(self.path, self._fingerprint, self._complete, self._progress_file)
 
     def _write_arrays(self, k: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
         lay, group = self._layout, self._group
@@ -266,6 +277,7 @@ class ScoreStoreWriter:
             return ScoreStore.open(self.path)
         if score_attrs is not None:
             _check_attrs(score_attrs, need_fingerprint=False, what="score_attrs")
+        self._complete |= _read_progress(self.path, self._fingerprint)  # other writers' chunks too
         missing = self.pending_chunks()
         if missing:
             raise ScoreStoreError(
@@ -301,8 +313,9 @@ class ScoreStoreWriter:
         final_attrs = dict(score_attrs or {})
         final_attrs.update(complete_chunks=list(range(self.n_chunks)), finalized=True)
         group.update_attributes(final_attrs)
-        # root attrs now hold the progress; without the file, zarr's member listing has nothing foreign
-        (self.path / PROGRESS_FILE).unlink(missing_ok=True)
+        # root attrs now hold the progress; without the files, zarr's member listing has nothing foreign
+        for progress in _progress_files(self.path):
+            progress.unlink(missing_ok=True)
         self._finalized = True
         return ScoreStore.open(self.path)
 
@@ -486,7 +499,7 @@ class ScoreStore:
 
     def _summary_array(self, name: str) -> zarr.Array:
         if not self.finalized:
-            done = len(_read_progress(self.path, None)) if (self.path / PROGRESS_FILE).exists() else 0
+            done = len(_read_progress(self.path, None))
             raise ScoreStoreError(f"{self.path}: not finalized ({done} of "
                                   f"{math.ceil(self.n_samples / self.attrs['chunk_samples'])} chunks written); "
                                   "summaries exist only after the probe finishes")
@@ -495,8 +508,8 @@ class ScoreStore:
         return self.array(name)
 
     def _array_names(self) -> list[str]:
-        with warnings.catch_warnings():  # progress.json beside the arrays is ours, not a stray object
-            warnings.filterwarnings("ignore", message=f"Object at {PROGRESS_FILE} is not recognized")
+        with warnings.catch_warnings():  # progress files beside the arrays are ours, not stray objects
+            warnings.filterwarnings("ignore", message=r"Object at progress(\.rank-\d+)?\.json is not recognized")
             return sorted(name for name, node in self._group.members(max_depth=None) if isinstance(node, zarr.Array))
 
     def __repr__(self) -> str:
@@ -767,10 +780,10 @@ def _put_coordinates(group: zarr.Group, prefix: str, layout: _Layout, sample_axi
         _put(group, f"{prefix}/category", names, chunks=(len(names),), dims=("category",))
 
 
-def _write_progress(path: Path, fingerprint: str, complete: set[int]) -> None:
-    """Replace progress.json atomically (temp file, fsync, os.replace, fsync of the folder)."""
-    target = path / PROGRESS_FILE
-    tmp = path / f".{PROGRESS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+def _write_progress(path: Path, fingerprint: str, complete: set[int], name: str = PROGRESS_FILE) -> None:
+    """Replace the progress file `name` atomically (temp file, fsync, os.replace, fsync of the folder)."""
+    target = path / name
+    tmp = path / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "w") as f:
         json.dump({"fingerprint": fingerprint, "complete_chunks": sorted(complete)}, f)
         f.flush()
@@ -779,18 +792,28 @@ def _write_progress(path: Path, fingerprint: str, complete: set[int]) -> None:
     fsync_path(path)
 
 
+_PROGRESS_NAME = re.compile(r"\.?progress(\.rank-\d+)?\.json(\.[0-9a-f]{8}\.tmp)?")
+"""A progress file (progress.json, progress.rank-<r>.json) or one of their temp files."""
+
+
+def _progress_files(path: Path) -> list[Path]:
+    """progress.json and every writer's progress.rank-<r>.json in the store's folder."""
+    return sorted(p for p in path.glob("progress*.json") if _PROGRESS_NAME.fullmatch(p.name))
+
+
 def _read_progress(path: Path, fingerprint: str | None) -> set[int]:
-    target = path / PROGRESS_FILE
-    if not target.exists():
-        return set()
-    try:
-        progress = json.loads(target.read_text())
-    except json.JSONDecodeError as e:
-        raise ScoreStoreError(f"{target}: unreadable progress file ({e})") from e
-    if fingerprint is not None and progress.get("fingerprint") != fingerprint:
-        raise ScoreStoreError(f"{target}: progress belongs to fingerprint {progress.get('fingerprint')!r}, "
-                              f"the store to {fingerprint!r}; the store is damaged")
-    return {int(k) for k in progress.get("complete_chunks", [])}
+    """The complete chunks: the union of every progress file's."""
+    complete: set[int] = set()
+    for target in _progress_files(path):
+        try:
+            progress = json.loads(target.read_text())
+        except json.JSONDecodeError as e:
+            raise ScoreStoreError(f"{target}: unreadable progress file ({e})") from e
+        if fingerprint is not None and progress.get("fingerprint") != fingerprint:
+            raise ScoreStoreError(f"{target}: progress belongs to fingerprint {progress.get('fingerprint')!r}, "
+                                  f"the store to {fingerprint!r}; the store is damaged")
+        complete |= {int(k) for k in progress.get("complete_chunks", [])}
+    return complete
 
 
 def _open_tinyonn_group(path: Path, mode: str) -> zarr.Group:
@@ -870,8 +893,7 @@ def _foreign_files(path: Path, limit: int = 5) -> list[str]:
             dirs[:] = []
             continue
         for name in files:
-            ours = name == "zarr.json" or "c" in rel.parts[1:] or (not rel.parts and (
-                name == PROGRESS_FILE or (name.startswith(f".{PROGRESS_FILE}.") and name.endswith(".tmp"))))
+            ours = name == "zarr.json" or "c" in rel.parts[1:] or (not rel.parts and _PROGRESS_NAME.fullmatch(name))
             if not ours:
                 foreign.append(str(rel / name))
         if len(foreign) >= limit:
