@@ -6,8 +6,24 @@ Configs are plain frozen dataclasses: hashable, comparable, and turned into JSON
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+def _check_int(owner: object, name: str, minimum: int, optional: bool = False) -> None:
+    value = getattr(owner, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{type(owner).__name__}.{name} must be an integer ≥ {minimum}"
+                         f"{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_choice(owner: object, name: str, choices: tuple) -> None:
+    value = getattr(owner, name)
+    if value not in choices:
+        raise ValueError(f"{type(owner).__name__}.{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +39,12 @@ class DataConfig:
     use_chat_template: bool = True
     """Use the tokenizer's chat template when it has one; else a plain User/Assistant template."""
     system_prompt: str | None = None
+
+    def __post_init__(self):
+        _check_int(self, "max_length", 2)
+        _check_int(self, "batch_size", 1)
+        _check_choice(self, "truncation_side", ("left", "right"))
+        _check_choice(self, "padding_side", ("left", "right"))
 
 
 @dataclass(frozen=True)
@@ -69,3 +91,21 @@ class ProbeConfig:
     sort_by_length: bool = True
     """Batch samples of similar length together inside a chunk (less padding); results keep the
     data set's order."""
+
+    def __post_init__(self):
+        if not isinstance(self.data, DataConfig):
+            raise ValueError(f"ProbeConfig.data must be a DataConfig, got {type(self.data).__name__}")
+        _check_int(self, "chunk_samples", 1)
+        _check_int(self, "max_samples", 1, optional=True)
+        _check_int(self, "target_seed", 0)
+        if isinstance(self.freq_threshold, bool) or not isinstance(self.freq_threshold, (int, float)) \
+                or not math.isfinite(self.freq_threshold) or self.freq_threshold < 0:
+            raise ValueError(f"ProbeConfig.freq_threshold must be a finite number ≥ 0, got {self.freq_threshold!r}")
+        _check_choice(self, "per_sample_codec", ("zstd", "none"))
+        _check_choice(self, "grad_method", ("auto", "gram", "direct"))
+        _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
+        _check_choice(self, "quant", ("none", "nf4", "int8"))
+        _check_choice(self, "grad_target", ("label", "teacher"))
+        if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
+            raise ValueError(f"ProbeConfig.device must be a device name (cpu, cuda, cuda:1, ...) or None, "
+                             f"got {self.device!r}")

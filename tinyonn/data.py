@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tinyonn.assets import builtin_eval_file, builtin_probe_dir
 from tinyonn.config import DataConfig
-from tinyonn.errors import DataFormatError
+from tinyonn.errors import DataFormatError, DataNotFoundError, DataSourceError
 
 IGNORE_INDEX = -100
 """Label of tokens that are not trained on (PyTorch's cross-entropy default)."""
@@ -167,24 +167,104 @@ def _dataset_origin(dataset: Any) -> str:
     return f"<datasets.Dataset{' ' + label if label else ''}>"
 
 
+class _Truncated(Exception):
+    """A compressed stream ends before its end marker."""
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame of a file, one frame after the other.
+
+    zstandard's `stream_reader` returns what it has when the file ends inside a frame, so a file
+    cut short (at a block boundary or inside a block) would read as fewer rows without a word. Here
+    each frame goes through its own `decompressobj`, whose `eof` is set only by the frame's end
+    marker (zstd also checks the header's content size and the frame checksum there); data that
+    ends before it raises `_Truncated`.
+    """
+
+    def __init__(self, path: Path):
+        import zstandard  # imported here: only .zst inputs need it
+
+        self._file = open(path, "rb")
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = None
+        self._pending = b""
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._offset >= len(self._pending):
+            data = self._file.read(1 << 16)
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise _Truncated()
+                return 0
+            out = []
+            while data:
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._context.decompressobj()
+                out.append(self._frame.decompress(data))
+                data = self._frame.unused_data if self._frame.eof else b""
+            self._pending, self._offset = b"".join(out), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = self._pending[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _open_binary(path: Path):
-    """Binary stream of the decompressed file: gzip / zstd by suffix, else raw."""
+    """Binary stream of the decompressed file: gzip / zstd (every frame) by suffix, else raw."""
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a folder, not a data file (a folder needs {split}.jsonl files)", str(path))
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        import zstandard  # imported here: only .zst inputs need it
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")
 
 
-def read_examples(path: str | os.PathLike | Any) -> list[Example]:
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of a plain, gzip or zstd file. A compressed file cut short
+    raises `DataFormatError` "truncated" and a corrupt one "cannot decompress", naming the line
+    being read: before that line is handed out, so a cut row never reads as malformed JSON."""
+    origin, lineno = str(path), 0
+    if not path.exists():
+        raise DataNotFoundError(f"data file not found: {path}")
+    try:
+        with _open_binary(path) as stream:
+            for lineno, raw in enumerate(stream, start=1):
+                yield lineno, raw
+    except (_Truncated, EOFError) as err:  # gzip: EOFError "Compressed file ended before the end-of-stream marker"
+        kind = "zstd frame" if isinstance(err, _Truncated) else "gzip stream"
+        raise DataFormatError(origin, lineno + 1, f"truncated: the file ends inside a {kind}, before its end marker "
+                                                  f"(only {lineno} complete lines could be read)") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # corrupt gzip / zstd data (gzip.BadGzipFile, zlib.error, zstandard.ZstdError)
+        if not isinstance(err, OSError) and type(err).__name__ not in ("ZstdError", "error"):
+            raise
+        raise DataFormatError(origin, lineno + 1, f"cannot decompress: {err}") from None
+
+
+def _skip_or_raise(error: DataFormatError, on_bad: Callable[[DataFormatError], None] | None) -> None:
+    if on_bad is None:
+        raise error
+    on_bad(error)
+
+
+def read_examples(path: str | os.PathLike | Any,
+                  on_bad: Callable[[DataFormatError], None] | None = None) -> list[Example]:
     """Read a JSONL probe file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) or a `datasets.Dataset`.
 
-    Blank lines are skipped; every malformed line raises `DataFormatError` naming the file and
-    the 1-based line number.
+    Blank lines are skipped; a malformed line raises `DataFormatError` naming the file and the
+    1-based line number, or, given `on_bad` (`--skip-bad`), is passed to it and skipped. A
+    truncated or corrupt compressed file always raises.
     """
     if not isinstance(path, (str, os.PathLike)):
         if _is_hf_dataset(path):
@@ -193,38 +273,33 @@ def read_examples(path: str | os.PathLike | Any) -> list[Example]:
     path = Path(path)
     origin = str(path)
     examples: list[Example] = []
-    lineno = 0
-    try:
-        with _open_binary(path) as stream:
-            for lineno, raw in enumerate(stream, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataFormatError(origin, lineno, f"invalid UTF-8 at byte {err.start} of the line") from None
-                if lineno == 1:
-                    text = text.removeprefix("\ufeff")
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(origin, lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
-                examples.append(parse_record(record, origin, lineno))
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except DataFormatError:
-        raise
-    except Exception as err:  # corrupt or truncated gzip / zstd data (zstandard.ZstdError)
-        if not isinstance(err, (OSError, EOFError)) and type(err).__name__ != "ZstdError":
-            raise
-        raise DataFormatError(origin, lineno + 1, f"cannot decompress: {err}") from None
+    bad = 0
+    for lineno, raw in _lines(path):
+        try:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(origin, lineno, f"invalid UTF-8 at byte {err.start} of the line") from None
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(origin, lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
+            examples.append(parse_record(record, origin, lineno))
+        except DataFormatError as err:
+            _skip_or_raise(err, on_bad)
+            bad += 1
     if not examples:
-        raise DataFormatError(origin, None, "no examples (the file is empty or only blank lines)")
+        what = f"every one of its {bad} non-blank lines is bad" if bad else "the file is empty or only blank lines"
+        raise DataFormatError(origin, None, f"no examples ({what})")
     return examples
 
 
 def _split_file(directory: Path, split: str) -> Path:
-    """`directory/{split}.jsonl(.gz|.zst)`; ValueError listing the splits present if there is none."""
+    """`directory/{split}.jsonl(.gz|.zst)`; an error listing the splits present if there is none."""
     for suffix in _SPLIT_SUFFIXES:
         candidate = directory / f"{split}{suffix}"
         if candidate.is_file():
@@ -232,44 +307,87 @@ def _split_file(directory: Path, split: str) -> Path:
     names = [p.name for p in directory.iterdir() if p.is_file()] if directory.is_dir() else []
     available = sorted({n[: -len(s)] for n in names for s in _SPLIT_SUFFIXES if n.endswith(s)})
     if not available:
-        raise FileNotFoundError(f"no probe splits (*.jsonl, *.jsonl.gz, *.jsonl.zst) found in {directory}")
-    raise ValueError(f"unknown split {split!r} in {directory}; available splits: {', '.join(available)}")
+        raise DataNotFoundError(f"no probe splits (*.jsonl, *.jsonl.gz, *.jsonl.zst) found in {directory}")
+    raise DataSourceError(f"unknown split {split!r} in {directory}; available splits: {', '.join(available)}")
 
 
-def load_probe_set(source: str | os.PathLike | Any = "builtin", split: str = "train") -> list[Example]:
+def load_probe_set(source: str | os.PathLike | Any = "builtin", split: str = "train",
+                   on_bad: Callable[[DataFormatError], None] | None = None) -> list[Example]:
     """Probe examples from the builtin set, a JSONL file, a directory of `{split}.jsonl*` files, or
-    a `datasets` Dataset / DatasetDict (`split` picks the DatasetDict entry)."""
+    a `datasets` Dataset / DatasetDict (`split` picks the DatasetDict entry). `on_bad`: see
+    `read_examples` (skip bad lines instead of raising)."""
     if isinstance(source, (str, os.PathLike)):
         if isinstance(source, str) and source == "builtin":
-            return read_examples(_split_file(BUILTIN_PROBE_DIR, split))
+            return read_examples(_split_file(BUILTIN_PROBE_DIR, split), on_bad)
         path = Path(source)
         if path.is_dir():
-            return read_examples(_split_file(path, split))
-        return read_examples(path)
+            return read_examples(_split_file(path, split), on_bad)
+        return read_examples(path, on_bad)
     if _is_hf_dataset(source):
         import datasets
 
         if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             if split not in source:
-                raise ValueError(f"unknown split {split!r}; available splits: {', '.join(sorted(source))}")
+                raise DataSourceError(f"unknown split {split!r}; available splits: {', '.join(sorted(source))}")
             return read_examples(source[split])
     return read_examples(source)
 
 
+def has_splits(source: str | os.PathLike | Any) -> bool:
+    """Whether a data source comes as named splits ("builtin", a folder, a DatasetDict) rather than
+    one set of examples (a file, a Dataset, a list) that `split_probe_set` holds a part out of."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source) == "builtin" or Path(source).is_dir()
+    if _is_hf_dataset(source):
+        import datasets
+
+        return isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict))
+    return False
+
+
+def split_probe_set(source: str | os.PathLike | Any = "builtin", held_out_split: str = "validation",
+                    holdout_every: int = 10, on_bad: Callable[[DataFormatError], None] | None = None,
+                    ) -> tuple[list[Example], list[Example]]:
+    """(examples to probe and train on, held-out examples) of a data source, disjoint.
+
+    A source with splits gives its "train" split and `held_out_split`; one set of examples (a JSONL
+    file, a Dataset, a list of `Example`) holds out every `holdout_every`-th example
+    (i % holdout_every == holdout_every - 1), which is never probed nor trained on.
+    """
+    if holdout_every < 2:
+        raise ValueError(f"holdout_every must be ≥ 2, got {holdout_every}")
+    if has_splits(source):
+        return load_probe_set(source, "train", on_bad), load_probe_set(source, held_out_split, on_bad)
+    every = list(source) if isinstance(source, list) else load_probe_set(source, "train", on_bad)
+    last = holdout_every - 1
+    return ([e for i, e in enumerate(every) if i % holdout_every != last],
+            [e for i, e in enumerate(every) if i % holdout_every == last])
+
+
+def spread(examples: Sequence[Example], count: int | None) -> list[Example]:
+    """`count` examples spread over the list: every (len // count)-th from the first, so a data set
+    sorted by category gives each category its share (all of them for None or count ≥ len)."""
+    if count is None:
+        return list(examples)
+    return list(examples[:: max(1, len(examples) // count)][:count]) if count > 0 else []
+
+
 def read_jsonl_records(path: str | os.PathLike) -> list[dict]:
     """Rows of a JSONL file (plain, `.gz`, `.zst`) as dicts; a malformed line raises
-    `DataFormatError` naming the file and line."""
+    `DataFormatError` naming the file and line (a cut compressed file: "truncated")."""
     origin = str(path)
     rows = []
-    with _open_binary(Path(path)) as stream:
-        for lineno, raw in enumerate(stream, start=1):
-            text = raw.decode("utf-8", errors="strict").strip()
-            if not text:
-                continue
-            try:
-                rows.append(json.loads(text))
-            except json.JSONDecodeError as err:
-                raise DataFormatError(origin, lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
+    for lineno, raw in _lines(Path(path)):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise DataFormatError(origin, lineno, f"invalid UTF-8 at byte {err.start} of the line") from None
+        if not text:
+            continue
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise DataFormatError(origin, lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
     return rows
 
 
@@ -277,7 +395,7 @@ def load_eval_set(source: str | os.PathLike = "builtin") -> list[dict]:
     """The multiple-choice evaluation items: "builtin" (the embedded default's) or a JSONL path."""
     path = builtin_eval_file() if str(source) == "builtin" else Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation set not found: {path}")
+        raise DataNotFoundError(f"evaluation set not found: {path}")
     return read_jsonl_records(path)
 
 # --------------------------------------------------------------------------------------------
