@@ -88,7 +88,9 @@ def load_teacher(
     linear layers as bitsandbytes nf4 or int8 (`dtype` is then the compute dtype). Returns
     `(model, tokenizer)`; the model is in eval mode with gradients off for its parameters.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    from tinyonn.weights import load_model, load_tokenizer
 
     if quant not in ("none", "nf4", "int8"):
         raise ValueError(f"quant must be 'none', 'nf4' or 'int8', got {quant!r}")
@@ -98,6 +100,7 @@ def load_teacher(
     except (OSError, ValueError) as err:
         raise TeacherNotFoundError(f"could not load a model config from {where!r}: {err}") from err
     check_architecture(config)
+    tokenizer = load_tokenizer(where, getattr(config, "vocab_size", None))
 
     kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quant == "nf4":
@@ -108,12 +111,11 @@ def load_teacher(
     elif quant == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": torch.device(device)}
-    model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    model = load_model(where, **kwargs)  # refuses truncated shards, missing or misshapen tensors
     if quant == "none":
         model = model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(where)
     ffn_layout(model)  # fail early on an MLP we cannot read
     return model, tokenizer
 

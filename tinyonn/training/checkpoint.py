@@ -121,12 +121,34 @@ def save_checkpoint(directory: Path, step: int, model: dict[str, torch.Tensor], 
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint folder (safetensors and JSON only)."""
+    """Read a checkpoint folder (safetensors and JSON only); a missing, truncated or damaged file
+    raises `WeightsError` naming it."""
+    from tinyonn.errors import WeightsError
+    from tinyonn.weights import check_safetensors
+
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    return Checkpoint(path=path, model=load_file(str(path / "model.safetensors")),
-                      optimizer=load_file(str(path / "optimizer.safetensors")),
-                      rng=load_file(str(path / "rng.safetensors")), state=state)
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path / 'state.json'}: damaged checkpoint state ({err}); delete {path} to resume from "
+                           f"the checkpoint before it") from None
+    tensors = {}
+    for name in ("model", "optimizer", "rng"):
+        file = path / f"{name}.safetensors"
+        try:
+            check_safetensors(file)
+            tensors[name] = load_file(str(file))
+        except WeightsError as err:
+            raise WeightsError(f"{err}; delete {path} to resume from the checkpoint before it") from None
+        except FileNotFoundError:
+            raise WeightsError(f"{file}: missing from the checkpoint; delete {path} to resume from the checkpoint "
+                               f"before it") from None
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise WeightsError(f"{file}: damaged checkpoint file ({err}); delete {path} to resume from the "
+                               f"checkpoint before it") from None
+    return Checkpoint(path=path, state=state, **tensors)
 
 
 def truncate_log(path: Path, lines: int) -> None:
