@@ -117,6 +117,10 @@ class RunConfig:
     expert-label override file."""
     prompt: str = 'What does the word "harbour" mean?'
     """A chat prompt the teacher and the model answer in the evaluation report."""
+    skip_bad: bool = False
+    """Skip malformed data lines (counted, reported by `run_pipeline`) instead of stopping at the
+    first (`--skip-bad`). The examples read are the same whenever both succeed, so it is no input of
+    any stage's fingerprint."""
 
     def __post_init__(self):
         if not self.run or "/" in self.run or self.run in (".", ".."):
@@ -325,20 +329,33 @@ def _calibration(config: RunConfig):
     return _CALIBRATION[key]
 
 
-def _examples(config: RunConfig) -> tuple[list, list]:
-    """(probe examples, held-out evaluation examples) of the run's data."""
-    from tinyonn.data import load_probe_set
+def _split(config: RunConfig) -> tuple[list, list]:
+    """(train, held-out) examples of the run's data (`tinyonn.data.split_probe_set`: for one file,
+    every `eval.holdout_every`-th example is held out, never probed nor trained on)."""
+    from tinyonn.data import split_probe_set
 
-    if config.data == "builtin" or Path(config.data).is_dir():
-        train = load_probe_set(config.data, "train")
-        held_out = load_probe_set(config.data, config.eval.split)
-    else:  # one file: hold out every holdout_every-th example, never probed
-        every = load_probe_set(config.data)
-        last = config.eval.holdout_every - 1
-        train = [e for i, e in enumerate(every) if i % config.eval.holdout_every != last]
-        held_out = [e for i, e in enumerate(every) if i % config.eval.holdout_every == last]
-    probed = train[:: max(1, len(train) // config.probe_samples)][: config.probe_samples] if config.probe_samples else []
-    return probed, held_out[:: config.eval.stride]
+    return split_probe_set(config.data, config.eval.split, config.eval.holdout_every,
+                           (lambda error: None) if config.skip_bad else None)
+
+
+def check_data(config: RunConfig) -> list:
+    """Read the run's data before anything is written: a malformed line, a truncated file or a
+    missing held-out split raises; with `skip_bad` the bad lines are returned instead."""
+    from tinyonn.data import split_probe_set
+
+    skipped: list = []
+    split_probe_set(config.data, config.eval.split, config.eval.holdout_every,
+                    skipped.append if config.skip_bad else None)
+    return skipped
+
+
+def _examples(config: RunConfig) -> tuple[list, list]:
+    """(probe examples, held-out evaluation examples) of the run's data: `probe_samples` spread over
+    the train part (`tinyonn.data.spread`, as `tinyonn probe --max-samples` takes them)."""
+    from tinyonn.data import spread
+
+    train, held_out = _split(config)
+    return spread(train, config.probe_samples), held_out[:: config.eval.stride]
 
 
 # ---------------------------------------------------------------- stages
@@ -418,9 +435,8 @@ def train_stage(config: RunConfig, log=print, resume: bool = True) -> Path:
     """Train the assembled model (`model/`) with KD from the teacher, phase 2 routing within
     `active_fraction` → `train/` (`model/`, `log.jsonl`, `summary.json`, `checkpoints/`). An
     interrupted run resumes from its last checkpoint when its inputs are the same."""
-    from transformers import AutoModelForCausalLM
-
     from tinyonn.training import train
+    from tinyonn.weights import load_model
 
     if config.train is None:
         raise TinyONNError("this run's config has no training (RunConfig.train is None)")
@@ -430,7 +446,7 @@ def train_stage(config: RunConfig, log=print, resume: bool = True) -> Path:
 
     def body(config: RunConfig) -> list[Path]:
         teacher, tokenizer = _teacher(config.teacher, config.quant)
-        model = AutoModelForCausalLM.from_pretrained(config.run_dir / "model")
+        model = load_model(config.run_dir / "model")
         examples = _training_examples(config)
         out = config.run_dir / "train"
         same_inputs = previous is None or previous.fingerprint == fingerprint(_stage_inputs(config, "train"))
@@ -446,13 +462,7 @@ def train_stage(config: RunConfig, log=print, resume: bool = True) -> Path:
 
 def _training_examples(config: RunConfig) -> list:
     """The examples training reads: the data's train split (never the held-out ones)."""
-    from tinyonn.data import load_probe_set
-
-    if config.data == "builtin" or Path(config.data).is_dir():
-        return load_probe_set(config.data, "train")
-    every = load_probe_set(config.data)
-    last = config.eval.holdout_every - 1
-    return [e for i, e in enumerate(every) if i % config.eval.holdout_every != last]
+    return _split(config)[0]
 
 
 def evaluate_stage(config: RunConfig, log=print) -> Path:
@@ -460,11 +470,10 @@ def evaluate_stage(config: RunConfig, log=print) -> Path:
     teacher with `tinyonn.evaluate` (held-out perplexity and evaluation accuracy per category, the
     teacher in nf4, the sparsity–quality sweep, cost per token, speed and memory), plus both answers
     to the prompt → `report/evaluate.json`, `report/sparsity_quality.png`."""
-    from transformers import AutoModelForCausalLM
-
     from tinyonn.data import load_eval_set
     from tinyonn.evaluation.evaluate import PLOT_NAME, evaluate
     from tinyonn.evaluation.metrics import sample_answers
+    from tinyonn.weights import load_model
 
     def body(config: RunConfig) -> list[Path]:
         teacher, tokenizer = _teacher(config.teacher, config.quant)
@@ -474,7 +483,7 @@ def evaluate_stage(config: RunConfig, log=print) -> Path:
         measure = dataclasses.replace(config.eval.measure, max_length=config.eval.max_length,
                                       batch_size=config.eval.batch_size)
         routing = f"router, after {config.train.rule.upper()} training" if config.train else routing_label(config)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        model = load_model(model_dir).eval()
         extra = {
             "model_dir": str(model_dir.relative_to(config.run_dir)), "active_fraction": config.active_fraction,
             "routing": routing, "prompt": config.prompt,
@@ -534,9 +543,12 @@ def run_pipeline(config: RunConfig, log=print) -> dict:
     from tinyonn.teacher import describe
 
     run_dir = config.run_dir
+    skipped = check_data(config)  # the data and the teacher are checked before anything is written
+    if skipped:
+        log(f"[data] skipped {len(skipped)} bad line(s) (skip_bad); the first: {skipped[0]}")
+    teacher, _ = _teacher(config.teacher, config.quant)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    teacher, _ = _teacher(config.teacher, config.quant)
     summary = describe(teacher)
     log(f"teacher {config.teacher}: {summary['model_type']}, {summary['num_layers']} layers, "
         f"{summary['ffn_units']:,} FFN units, {summary['parameters']:,} parameters")
@@ -549,7 +561,7 @@ def run_pipeline(config: RunConfig, log=print) -> dict:
             continue
         STAGE_FUNCTIONS[stage](config, log)
         done[stage] = "ran"
-    result: dict = {"stages": done, "run_dir": str(run_dir)}
+    result: dict = {"stages": done, "run_dir": str(run_dir), "skipped_lines": skipped}
     if "evaluate" in done:
         result["evaluate"] = json.loads((run_dir / "report" / "evaluate.json").read_text())
     return result

@@ -303,11 +303,12 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
     category beside the teacher's (measured once, on the same examples), the worst category's
     ratio and the conversion time. `data` ("builtin" or a folder of `{split}.jsonl*` files) gives
     the calibration tokens (its train split) and the evaluated examples (`split`, the first
-    `eval_per_category` of each category). Per partition, the best non-oracle row at
+    `eval_per_category` of each category); a single data file is split by
+    `tinyonn.data.split_probe_set` (every 10th example held out). Per partition, the best non-oracle row at
     `save_fraction` is saved as `models/<partition>/` with `measured.json` (that row). Writes
     `report/extract.json` after every row."""
     from tinyonn.clustering.cluster import ClusterConfig, baseline_config, cluster
-    from tinyonn.data import load_probe_set
+    from tinyonn.data import split_probe_set
     from tinyonn.model.assemble import assemble
     from tinyonn.store.zarr_store import ScoreStore
     from tinyonn.teacher import ffn_layout, load_teacher
@@ -319,14 +320,15 @@ def evaluate_partitions(store, teacher="builtin", run_dir: str | Path = "stores/
     store = ScoreStore.open(store) if isinstance(store, (str, Path)) else store
     teacher_model, tokenizer = load_teacher(teacher) if isinstance(teacher, (str, Path)) else teacher
     intermediate = ffn_layout(teacher_model)[0].intermediate_size
-    validation = first_per_category(load_probe_set(data, split), eval_per_category)
+    train_examples, held_out = split_probe_set(data, split)  # one data file: a held-out part, never calibrated on
+    validation = first_per_category(held_out, eval_per_category)
     samples, _ = encode_examples(tokenizer, validation, DataConfig(max_length=512))
 
     def measure(model) -> dict[str, float]:
         return response_perplexity(model, samples, tokenizer.pad_token_id, max_batch_tokens)
 
     start = time.perf_counter()
-    tokens = Calibration.collect(teacher_model, tokenizer, load_probe_set(data, "train"), calibration)
+    tokens = Calibration.collect(teacher_model, tokenizer, train_examples, calibration)
     calibration_s = time.perf_counter() - start
     start = time.perf_counter()
     teacher_ppl = measure(teacher_model)

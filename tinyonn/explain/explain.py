@@ -17,7 +17,7 @@ import numpy as np
 
 from tinyonn.clustering.plan import ExpertPlan
 from tinyonn.config import DataConfig
-from tinyonn.data import Example, load_probe_set
+from tinyonn.data import Example, split_probe_set
 from tinyonn.errors import TinyONNError
 from tinyonn.explain.cells import cell_spans, plan_units
 from tinyonn.explain.config import ExplainConfig
@@ -54,12 +54,10 @@ def held_out_examples(run_dir: Path) -> list[Example]:
     split when there is no config)."""
     path = run_dir / "run_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
-    data = config.get("data", "builtin")
     evaluation = config.get("eval", {})
-    if data == "builtin" or Path(data).is_dir():
-        return load_probe_set(data, evaluation.get("split", "validation"))
-    every = evaluation.get("holdout_every", 10)
-    return [e for i, e in enumerate(load_probe_set(data)) if i % every == every - 1]
+    return split_probe_set(config.get("data", "builtin"), evaluation.get("split", "validation"),
+                           evaluation.get("holdout_every", 10),
+                           (lambda error: None) if config.get("skip_bad") else None)[1]
 
 
 def explain(run_dir: str | Path, config: ExplainConfig = ExplainConfig(), examples: Sequence[Example] | None = None,

@@ -264,40 +264,50 @@ def _chunk_batches(samples: Sequence[EncodedSample], config: ProbeConfig) -> lis
 
 
 def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "stores/runs/default/scores.zarr",
-          tokenizer=None, overwrite: bool = False, progress: bool = True):
+          tokenizer=None, overwrite: bool = False, progress: bool = True, on_bad=None, log=print):
     """Probe a teacher on a data set and return the finished `ScoreStore`.
 
     `teacher` is a loaded model (then pass `tokenizer`) or a source for `load_teacher` ("builtin",
-    a directory, a hub id); `data` is a list of `Example`, a JSONL path, "builtin" (the builtin
-    train split) or a `datasets` object. Rerunning with the same inputs resumes an interrupted probe.
+    a directory, a hub id); `data` is a list of `Example`, a JSONL path, a folder of splits,
+    "builtin" (the builtin train split) or a `datasets` object; `config.max_samples` takes that many
+    spread over it (`tinyonn.data.spread`: every category of a sorted set gets its share); `on_bad`
+    skips malformed data lines (`tinyonn.data.read_examples`). The data and the device are checked
+    before the teacher loads and before any file is written; examples that give no sample (empty
+    response, response cut away by `max_length`) are counted on `log`. Rerunning with the same
+    inputs resumes an interrupted probe.
     """
     from tqdm.auto import tqdm
 
-    from tinyonn.data import load_probe_set, read_examples
+    from tinyonn.data import load_probe_set, read_examples, spread
+    from tinyonn.devices import resolve_device
+    from tinyonn.errors import NoSamplesError
     from tinyonn.store.scores import PIDIFF_FORMULA, ScoreConfig, summary_score_fn
     from tinyonn.store.zarr_store import ChunkStats, ScoreStoreWriter
     from tinyonn.teacher import load_teacher
 
     config = config or ProbeConfig()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
+    data_name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
+    if isinstance(data, (str, Path)):
+        data = load_probe_set(data, "train", on_bad)
+    elif not isinstance(data, list):
+        data = read_examples(data)
+    data = spread(data, config.max_samples)
     teacher_name = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher, "name_or_path", "model")
     if isinstance(teacher, (str, Path)):
         teacher, tokenizer = load_teacher(teacher, quant=config.quant, dtype=dtype, device=device)
     if tokenizer is None:
         raise ValueError("probe() needs the tokenizer when `teacher` is a model object")
-    data_name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
-    if isinstance(data, str) and data == "builtin":
-        data = load_probe_set("builtin", "train")
-    elif isinstance(data, (str, Path)):
-        data = read_examples(data)
-    elif not isinstance(data, list):
-        data = read_examples(data)
-    if config.max_samples is not None:
-        data = data[: config.max_samples]
     samples, skipped = encode_examples(tokenizer, data, config.data)
+    if skipped.kept < skipped.total:
+        log(f"[probe] {skipped.total - skipped.kept} of {skipped.total} examples give no sample and are skipped: "
+            f"{skipped.empty_response} with an empty response, {skipped.truncated_away} whose response "
+            f"max_length={config.data.max_length} cuts away")
     if not samples:
-        raise ValueError(f"no probe sample left after encoding ({skipped})")
+        raise NoSamplesError(f"no probe sample left after encoding {data_name}: all {skipped.total} examples skipped "
+                             f"({skipped.empty_response} with an empty response, {skipped.truncated_away} whose "
+                             f"response max_length={config.data.max_length} cuts away)")
     layout = ffn_layout(teacher)
     units_layer, units_index, down_norm = unit_table(layout)
     num_heads = teacher.config.num_attention_heads
@@ -357,9 +367,9 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
             bar.update(tokens)
             bar.set_postfix(chunk=f"{k + 1}/{writer.n_chunks}", tok_s=f"{bar.n / max(time.time() - started, 1e-9):,.0f}")
         writer.write_chunk(k, ChunkStats(loss=loss, n_tokens=n_tokens, **rows))
-        with log_path.open("a") as log:
+        with log_path.open("a") as handle:
             chunk_tokens = sum(len(s.input_ids) for s in chunk)
-            log.write(json.dumps({"chunk": k, "samples": len(chunk), "tokens": chunk_tokens,
+            handle.write(json.dumps({"chunk": k, "samples": len(chunk), "tokens": chunk_tokens,
                                   "seconds": time.time() - chunk_start,
                                   "tok_s": chunk_tokens / max(time.time() - chunk_start, 1e-9)}) + "\n")
     bar.close()
