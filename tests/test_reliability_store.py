@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,231 @@ def test_overwrite_replaces_an_older_store_without_the_mark(store_path):
     group.update_attributes(attrs)
     writer = open_writer(store_path, make_data(), fingerprint="run-b", overwrite=True)
     assert writer.pending_chunks() == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- run folders: a tiny probed run
+
+PAIRS = [("What does the word harbour mean?", "A sheltered port where ships can stay."),
+         ("Calculate: 23 + 19", "42"), ("def add(a, b):", "    return a + b\n"),
+         ("Who was Ada?", "Ada Lovelace, who wrote the first published algorithm.")]
+
+
+def _write_data(path, count: int, offset: int = 0) -> None:
+    import json
+
+    with open(path, "w") as f:
+        for i in range(offset, offset + count):
+            prompt, response = PAIRS[i % len(PAIRS)]
+            f.write(json.dumps({"prompt": f"{prompt} ({i})", "response": response,
+                                "category": ["code", "math", "prose"][i % 3]}) + "\n")
+
+
+def _config(teacher_dir, runs, data):
+    from tinyonn.config import DataConfig, ProbeConfig
+    from tinyonn.pipeline import RunConfig
+
+    return RunConfig(run="r", runs_dir=str(runs), teacher=str(teacher_dir), data=str(data), probe_samples=12,
+                     probe=ProbeConfig(chunk_samples=4, data=DataConfig(max_length=48, batch_size=4)), train=None)
+
+
+@pytest.fixture(scope="module")
+def probed_run(tiny_teacher_dir, tmp_path_factory):
+    """probe → cluster → assemble of a tiny teacher, built once (the tests copy it)."""
+    from tinyonn.pipeline import assemble_stage, cluster_stage, probe_stage
+
+    root = tmp_path_factory.mktemp("probed_run")
+    _write_data(root / "data.jsonl", 30)
+    _write_data(root / "other.jsonl", 30, offset=7)
+    config = _config(tiny_teacher_dir, root / "runs", root / "data.jsonl")
+    for stage in (probe_stage, cluster_stage, assemble_stage):
+        stage(config, log=lambda *a: None)
+    return root
+
+
+@pytest.fixture()
+def run(probed_run, tmp_path, tiny_teacher_dir):
+    """A copy of the probed run folder (the data files stay where the run read them)."""
+    import shutil
+
+    shutil.copytree(probed_run / "runs", tmp_path / "runs")
+    return _config(tiny_teacher_dir, tmp_path / "runs", probed_run / "data.jsonl")
+
+
+def OTHER(config):
+    """The other data file beside the run's."""
+    return Path(config.data).parent / "other.jsonl"
+
+
+def _probe_outside(config, data) -> None:
+    """`tinyonn probe --run R --overwrite` with other data: the store is replaced behind the records."""
+    from tinyonn.probe import probe
+
+    probe(config.teacher, str(data), config.probe, config.run_dir / "scores.zarr", overwrite=True, progress=False)
+
+
+# ---------------------------------------------------------------- defect 5: stale outputs
+
+
+def test_plan_records_the_store_it_came_from(run):
+    import json
+
+    plan = json.loads((run.run_dir / "plan" / "plan.json").read_text())
+    assert plan["info"]["store_fingerprint"] == ScoreStore.open(run.run_dir / "scores.zarr").attrs["fingerprint"]
+
+
+def test_assemble_refuses_the_plan_of_an_earlier_probe(run):
+    from tinyonn.pipeline import StaleOutputError, assemble_stage, cluster_stage, stage_is_current
+
+    assert stage_is_current(run, "cluster") and stage_is_current(run, "assemble")
+    model_config = (run.run_dir / "model" / "config.json").read_bytes()
+    _probe_outside(run, OTHER(run))
+    with pytest.raises(StaleOutputError, match=r"plan/ is stale: it was made from another scores\.zarr"):
+        assemble_stage(run, log=lambda *a: None)
+    assert (run.run_dir / "model" / "config.json").read_bytes() == model_config  # nothing written
+    assert (run.run_dir / "stages" / "assemble.json").is_file()
+    # run_pipeline's view: the probe record no longer vouches for the store, cluster and assemble rerun
+    assert not stage_is_current(run, "probe") and not stage_is_current(run, "cluster")
+    cluster_stage(run, log=lambda *a: None)  # a store probed outside the pipeline is taken as it is
+    assemble_stage(run, log=lambda *a: None)
+    import json
+
+    fingerprint = ScoreStore.open(run.run_dir / "scores.zarr").attrs["fingerprint"]
+    assert json.loads((run.run_dir / "plan" / "plan.json").read_text())["info"]["store_fingerprint"] == fingerprint
+
+
+def test_a_plan_without_its_record_is_checked_against_the_store(run):
+    from tinyonn.pipeline import StaleOutputError, assemble_stage
+
+    (run.run_dir / "stages" / "cluster.json").unlink()  # e.g. killed between the plan and its record
+    _probe_outside(run, OTHER(run))
+    with pytest.raises(StaleOutputError, match=r"plan is stale: it was clustered from a score store with fingerprint"):
+        assemble_stage(run, log=lambda *a: None)
+
+
+def test_stage_refuses_an_upstream_made_with_other_settings(run):
+    import dataclasses
+
+    from tinyonn.clustering import ClusterConfig
+    from tinyonn.pipeline import StaleOutputError, assemble_stage
+
+    other = dataclasses.replace(run, cluster=ClusterConfig(method="random"))
+    with pytest.raises(StaleOutputError, match=r"plan/ was made with other settings than this run.s \(cluster.method: \"coact-kmeans\" → \"random\"\)"):
+        assemble_stage(other, log=lambda *a: None)
+    other = dataclasses.replace(run, probe_samples=9)
+    with pytest.raises(StaleOutputError, match=r"scores\.zarr was made with other settings .*probe_samples: 12 → 9"):
+        assemble_stage(other, log=lambda *a: None)
+
+
+def test_cli_stage_refusal_leaves_the_run_config(run, capsys):
+    import json
+
+    from tinyonn.cli import main
+
+    settings = run.run_dir / "run_config.json"
+    settings.write_text(json.dumps(run.to_dict(), indent=1))
+    before = settings.read_bytes()
+    _probe_outside(run, OTHER(run))
+    assert main(["assemble", "--runs", run.runs_dir, "--run", "r", "--active-fraction", "0.25"]) != 0
+    assert "plan/ is stale" in capsys.readouterr().err
+    assert settings.read_bytes() == before
+
+
+def test_run_refusing_the_store_leaves_the_run_config(run):
+    import dataclasses
+
+    from tinyonn.pipeline import run_pipeline
+
+    for name in ("stages", "plan", "model"):  # a run folder holding only a store from `tinyonn probe`
+        import shutil
+
+        shutil.rmtree(run.run_dir / name)
+    settings = run.run_dir / "run_config.json"
+    settings.write_text("{\"the\": \"run's own settings\"}")
+    other = dataclasses.replace(run, data=str(OTHER(run)))
+    with pytest.raises(ScoreStoreError, match="belongs to another run"):
+        run_pipeline(other, log=lambda *a: None)
+    assert settings.read_text() == "{\"the\": \"run's own settings\"}"
+
+
+# ---------------------------------------------------------------- defect 6: one writer per run folder
+
+HOLDER = """
+import sys, types
+package = types.ModuleType("tinyonn")  # the lock module alone: no torch import, the holder starts at once
+package.__path__ = [sys.argv[1]]
+sys.modules["tinyonn"] = package
+from tinyonn.runlock import run_lock
+with run_lock(sys.argv[2], what="tinyonn probe (holder)"):
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_writer_fails_fast_naming_the_pid(run, capsys):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tinyonn.cli import main
+    from tinyonn.pipeline import cluster_stage
+    from tinyonn.probe import probe
+    from tinyonn.runlock import RunInUseError
+
+    package = Path(__file__).resolve().parent.parent / "tinyonn"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(package), str(run.run_dir)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        plan = (run.run_dir / "plan" / "plan.json").read_bytes()
+        started = time.perf_counter()
+        with pytest.raises(RunInUseError, match=rf"run .*r is in use by pid {holder.pid} since .*\(tinyonn probe "
+                                                r"\(holder\)\); wait for it") as info:
+            cluster_stage(run, log=lambda *a: None)
+        assert info.value.pid == holder.pid and time.perf_counter() - started < 5  # no waiting
+        with pytest.raises(RunInUseError, match=rf"in use by pid {holder.pid}"):  # before the teacher loads
+            probe(run.teacher, run.data, run.probe, run.run_dir / "scores.zarr", overwrite=True, progress=False)
+        assert main(["cluster", "--runs", run.runs_dir, "--run", "r"]) != 0
+        assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
+        assert (run.run_dir / "plan" / "plan.json").read_bytes() == plan and ScoreStore.open(run.run_dir / "scores.zarr")
+    finally:
+        holder.kill()  # kill -9: the system drops the lock with the process
+        holder.wait()
+    cluster_stage(run, log=lambda *a: None)
+
+
+def test_run_lock_nests_in_a_thread_and_cleans_up(tmp_path, monkeypatch):
+    from tinyonn.runlock import LOCK_FILE, OWNER_FILE, RunInUseError, read_owner, run_lock
+
+    folder = tmp_path / "run"
+    errors: list[BaseException] = []
+
+    def other_thread():
+        try:
+            with run_lock(folder):
+                pass
+        except RunInUseError as error:
+            errors.append(error)
+
+    with run_lock(folder, what="outer"):
+        with run_lock(folder, what="inner"):  # nested in one thread: shares the hold
+            assert read_owner(folder)["command"] == "outer" and read_owner(folder)["pid"] == os.getpid()
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        (folder / "output.txt").write_text("x")
+    assert len(errors) == 1 and f"in use by pid {os.getpid()}" in str(errors[0])
+    assert not (folder / OWNER_FILE).exists() and (folder / LOCK_FILE).exists()
+    with run_lock(folder):  # released: free again
+        with monkeypatch.context() as env:  # rank 1 of a torchrun launch: its rank 0 holds the lock
+            env.setenv("WORLD_SIZE", "2")
+            env.setenv("RANK", "1")
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+        assert len(errors) == 1
+    fresh = tmp_path / "never-written"
+    with pytest.raises(KeyError):
+        with run_lock(fresh):
+            raise KeyError("a failed command")
+    assert not fresh.exists()  # a folder made only for the lock goes with it

@@ -130,23 +130,27 @@ def _report_skipped(errors: list) -> None:
 def cmd_stage(args) -> int:
     """Run one pipeline stage (`cluster`, `assemble`, `train`, `evaluate`, `explain` or `release`) on a
     run folder."""
+    from tinyonn.pipeline import STAGE_FUNCTIONS, check_upstream
+    from tinyonn.runlock import run_lock
+
     from tinyonn.files import write_text_atomic
-    from tinyonn.pipeline import STAGE_FUNCTIONS
 
     config = run_config(args)
     if not config.run_dir.is_dir():  # no stage's inputs are there: the stage says which command to run
         return _print_stage(args.command, STAGE_FUNCTIONS[args.command](config))
-    path = config.run_dir / "run_config.json"
-    previous = path.read_bytes() if path.is_file() else None
-    write_text_atomic(path, json.dumps(config.to_dict(), indent=1))
-    try:
-        out = STAGE_FUNCTIONS[args.command](config)
-    except BaseException:  # a failed command leaves the run's settings as they were
-        if previous is None:
-            path.unlink(missing_ok=True)
-        else:
-            path.write_bytes(previous)
-        raise
+    with run_lock(config.run_dir):  # one writer per run folder (RunInUseError at once)
+        check_upstream(config, args.command)  # a stale or missing input: refused before anything is written
+        path = config.run_dir / "run_config.json"
+        previous = path.read_bytes() if path.is_file() else None
+        write_text_atomic(path, json.dumps(config.to_dict(), indent=1))
+        try:
+            out = STAGE_FUNCTIONS[args.command](config)
+        except BaseException:  # a failed command leaves the run's settings as they were
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(previous)
+            raise
     return _print_stage(args.command, out)
 
 

@@ -8,8 +8,17 @@
 stages in order. Each stage is a function `stage(config) -> Path` that reads its inputs from the run
 folder and writes its outputs there, so any stage can be run (or rerun) alone. Each records
 `stages/<stage>.json`: a fingerprint of its config and of its inputs' fingerprints, its outputs,
-its time. A stage whose record matches and whose outputs are all present is skipped; otherwise it
-runs again, and so does everything downstream of it (their input fingerprints change).
+its time, and the identity of what it produced. A stage whose record matches and whose outputs are
+all present (and still the ones it produced: `tinyonn probe --overwrite` replaces a store behind
+the records' back) is skipped; otherwise it runs again, and so does everything downstream of it
+(their input fingerprints change).
+
+A stage called alone (`tinyonn cluster/assemble/train/...`, or `cluster_stage(config)`) first checks
+that every stage upstream of it is current for `config` — made from the outputs now upstream of it
+and with the same settings — and raises `StaleOutputError` naming the stale output before anything
+is written (`run_pipeline` reruns such stages instead). Every stage, `run_pipeline` and
+`tinyonn.probe` hold the run folder's lock (`tinyonn.runlock`): a second writer gets
+`RunInUseError` at once.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from tinyonn.errors import TinyONNError
 from tinyonn.evaluation.evaluate import EvaluateConfig
 from tinyonn.explain.config import ExplainConfig
 from tinyonn.files import write_text_atomic
+from tinyonn.runlock import run_lock
 from tinyonn.training.config import Phase1Config, Phase2Config, TrainConfig
 
 STAGES = ("probe", "cluster", "assemble", "train", "evaluate", "explain", "release")
@@ -163,6 +173,11 @@ def fingerprint(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class StaleOutputError(TinyONNError):
+    """A stage's input was made from other inputs or settings than the run's now (e.g. `plan/` from an
+    earlier probe): the message names the stale output and the command that remakes it."""
+
+
 @dataclass(frozen=True)
 class StageRecord:
     """What a finished stage leaves in `stages/<stage>.json`."""
@@ -173,9 +188,17 @@ class StageRecord:
     """Paths relative to the run folder."""
     seconds: float
     inputs: dict
+    produced: str | None = None
+    """The identity of the stage's main output when it finished (`_output_fingerprint`: the store's
+    fingerprint, a hash of plan.json, ...); None where there is none (and in older records)."""
 
     def complete(self, run_dir: Path) -> bool:
         return all((run_dir / output).exists() for output in self.outputs)
+
+    def valid(self, run_dir: Path) -> bool:
+        """Outputs all there and still the ones this stage produced (not replaced from outside)."""
+        return self.complete(run_dir) and (self.produced is None
+                                           or self.produced == _output_fingerprint(run_dir, self.stage))
 
 
 def read_record(run_dir: Path, stage: str) -> StageRecord | None:
@@ -184,7 +207,7 @@ def read_record(run_dir: Path, stage: str) -> StageRecord | None:
         return None
     data = json.loads(path.read_text())
     return StageRecord(stage=data["stage"], fingerprint=data["fingerprint"], outputs=tuple(data["outputs"]),
-                       seconds=data["seconds"], inputs=data["inputs"])
+                       seconds=data["seconds"], inputs=data["inputs"], produced=data.get("produced"))
 
 
 def _write_record(run_dir: Path, record: StageRecord) -> None:
@@ -198,7 +221,7 @@ def _upstream(run_dir: Path, stage: str) -> str:
     pipeline (e.g. `tinyonn probe --run R`), one read from the outputs themselves; else a clear
     error naming the command to run."""
     record = read_record(run_dir, stage)
-    if record is not None and record.complete(run_dir):
+    if record is not None and record.valid(run_dir):
         return record.fingerprint
     found = _output_fingerprint(run_dir, stage)
     if found is None:
@@ -208,13 +231,16 @@ def _upstream(run_dir: Path, stage: str) -> str:
 
 
 def _output_fingerprint(run_dir: Path, stage: str) -> str | None:
+    """The identity of a stage's main output as it is now (None: no such output, or an unfinished
+    store)."""
     if stage == "probe" and (run_dir / "scores.zarr" / "zarr.json").is_file():
         from tinyonn.store import ScoreStore
 
         try:
-            return "store:" + str(ScoreStore.open(run_dir / "scores.zarr").attrs["fingerprint"])
-        except Exception:  # an unfinished or damaged store is no input
+            store = ScoreStore.open(run_dir / "scores.zarr")
+        except Exception:  # a damaged store is no input
             return None
+        return "store:" + str(store.attrs["fingerprint"]) if store.finalized else None
     files = {"cluster": run_dir / "plan" / "plan.json", "assemble": run_dir / "model" / "config.json",
              "evaluate": run_dir / "report" / "evaluate.json"}
     if stage in files and files[stage].is_file():
@@ -273,17 +299,102 @@ def stage_is_current(config: RunConfig, stage: str) -> bool:
     except TinyONNError:
         return False
     record = read_record(config.run_dir, stage)
-    return record is not None and record.fingerprint == fingerprint(inputs) and record.complete(config.run_dir)
+    return record is not None and record.fingerprint == fingerprint(inputs) and record.valid(config.run_dir)
+
+
+OUTPUT_NAMES = {"probe": "scores.zarr", "cluster": "plan/", "assemble": "model/", "train": "train/",
+                "evaluate": "report/evaluate.json", "explain": "report/explain.json", "release": "release/"}
+"""What each stage's output is called in messages."""
+
+
+def upstream_stage(config: RunConfig, stage: str) -> str | None:
+    """The stage whose output `stage` reads (None for the probe)."""
+    if stage == "evaluate":
+        return "train" if config.train is not None else "assemble"
+    return {"cluster": "probe", "assemble": "cluster", "train": "assemble", "explain": "evaluate",
+            "release": "evaluate"}.get(stage)
+
+
+def check_upstream(config: RunConfig, stage: str) -> None:
+    """Raise `StaleOutputError` unless every stage upstream of `stage` is current for `config`: its
+    record's inputs — the identity of the output it read, and its settings — equal what they would be
+    now. An output made outside the pipeline (a `tinyonn probe` store) has no record to compare and is
+    taken as it is, but a plan that records another store's fingerprint is stale all the same."""
+    run_dir = config.run_dir
+    command = f"--run {run_dir.name} --runs {run_dir.parent}"
+    below = stage
+    link = upstream_stage(config, stage)
+    while link is not None:
+        record = read_record(run_dir, link)
+        if record is not None and record.valid(run_dir):
+            now = _normalised(_stage_inputs(config, link))
+            changed = [key for key in sorted(set(record.inputs) | set(now)) if record.inputs.get(key) != now.get(key)]
+            source = upstream_stage(config, link)
+            if source in changed:
+                raise StaleOutputError(
+                    f"{run_dir}/{OUTPUT_NAMES[link]} is stale: it was made from another {OUTPUT_NAMES[source]} than "
+                    f"the one there now (rerun with `tinyonn {link} {command}` and the stages after it, or "
+                    f"`tinyonn run {command}`), so {below} will not use it")
+            if changed:
+                detail = "; ".join(_differences(record.inputs, now))
+                raise StaleOutputError(
+                    f"{run_dir}/{OUTPUT_NAMES[link]} was made with other settings than this run's ({detail}): "
+                    f"rerun `tinyonn {link} {command}` with them (and the stages after it), or `tinyonn run "
+                    f"{command}`; {below} will not use it")
+        else:
+            _upstream(run_dir, link)  # made outside the pipeline (or its record lost): there, or a clear error
+            if link == "cluster":
+                _check_plan_source(run_dir, command)
+        below, link = link, upstream_stage(config, link)
+
+
+def _check_plan_source(run_dir: Path, command: str) -> None:
+    """A plan records the fingerprint of the store it was clustered from: it must be the store's now."""
+    try:
+        made_from = json.loads((run_dir / "plan" / "plan.json").read_text())["info"].get("store_fingerprint")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return
+    store = _output_fingerprint(run_dir, "probe")
+    if made_from is not None and store is not None and store != f"store:{made_from}":
+        raise StaleOutputError(f"{run_dir / 'plan'} is stale: it was clustered from a score store with fingerprint "
+                               f"{made_from[:16]}..., scores.zarr now has {store[6:22]}...; rerun `tinyonn cluster "
+                               f"{command}` (and the stages after it)")
+
+
+def _normalised(value):
+    """`value` as a stage record holds it (through JSON: tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _differences(old, new, prefix: str = "", limit: int = 4) -> list[str]:
+    """"key.sub: old → new" for each leaf where two JSON values differ (at most `limit`)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.", limit - len(found))
+            if len(found) >= limit:
+                break
+        return found
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.')}: {_short(old)} → {_short(new)}"]
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _run_stage(config: RunConfig, stage: str, body: Callable[[RunConfig], list[Path]], log=print) -> Path:
     run_dir = config.run_dir
     inputs = _stage_inputs(config, stage)
+    check_upstream(config, stage)  # before anything is written
     (run_dir / "stages" / f"{stage}.json").unlink(missing_ok=True)  # stale from here on
     started = time.time()
     outputs = body(config)
     record = StageRecord(stage=stage, fingerprint=fingerprint(inputs), seconds=round(time.time() - started, 2),
-                         outputs=tuple(str(path.relative_to(run_dir)) for path in outputs), inputs=inputs)
+                         outputs=tuple(str(path.relative_to(run_dir)) for path in outputs), inputs=inputs,
+                         produced=_output_fingerprint(run_dir, stage))
     _write_record(run_dir, record)
     log(f"[{stage}] done in {record.seconds:.1f} s")
     return outputs[0]
@@ -361,6 +472,19 @@ def _examples(config: RunConfig) -> tuple[list, list]:
 # ---------------------------------------------------------------- stages
 
 
+def _holding_run_folder(function: Callable[..., typing.Any]) -> Callable[..., typing.Any]:
+    """Run `function(config, ...)` holding the lock of `config.run_dir` (`tinyonn.runlock.run_lock`:
+    another process writing the run gets `RunInUseError` at once; nested calls share the hold)."""
+
+    @functools.wraps(function)
+    def locked(config: RunConfig, *args, **kwargs):
+        with run_lock(config.run_dir):
+            return function(config, *args, **kwargs)
+
+    return locked
+
+
+@_holding_run_folder
 def probe_stage(config: RunConfig, log=print) -> Path:
     """Probe the teacher on `probe_samples` examples spread over the data → `scores.zarr`."""
     from tinyonn.probe import probe
@@ -381,6 +505,7 @@ def probe_stage(config: RunConfig, log=print) -> Path:
     return _run_stage(config, "probe", body, log)
 
 
+@_holding_run_folder
 def cluster_stage(config: RunConfig, log=print) -> Path:
     """Concept cells and per-layer experts from the run's score store → `plan/` (+ `cells.png`)."""
     from tinyonn.clustering import cluster
@@ -402,6 +527,7 @@ def cluster_stage(config: RunConfig, log=print) -> Path:
     return _run_stage(config, "cluster", body, log)
 
 
+@_holding_run_folder
 def assemble_stage(config: RunConfig, log=print) -> Path:
     """The training-free TinyONN model of the plan (`tinyonn.evaluation.extract.convert`): analytic
     router from calibration tokens (warmed up for "learned"), routed within `active_fraction` as
@@ -431,6 +557,7 @@ def routing_label(config: RunConfig) -> str:
     return f"{config.routing} routing" + (" + compensation" if config.compensation else "")
 
 
+@_holding_run_folder
 def train_stage(config: RunConfig, log=print, resume: bool = True) -> Path:
     """Train the assembled model (`model/`) with KD from the teacher, phase 2 routing within
     `active_fraction` → `train/` (`model/`, `log.jsonl`, `summary.json`, `checkpoints/`). An
@@ -465,6 +592,7 @@ def _training_examples(config: RunConfig) -> list:
     return _split(config)[0]
 
 
+@_holding_run_folder
 def evaluate_stage(config: RunConfig, log=print) -> Path:
     """The saved model (reloaded from `train/model/`, or from `model/` without training) against the
     teacher with `tinyonn.evaluate` (held-out perplexity and evaluation accuracy per category, the
@@ -499,6 +627,7 @@ def evaluate_stage(config: RunConfig, log=print) -> Path:
     return _run_stage(config, "evaluate", body, log)
 
 
+@_holding_run_folder
 def explain_stage(config: RunConfig, log=print) -> Path:
     """What the saved model's experts do on the held-out examples (`tinyonn.explain`) →
     `report/explain.json` and its PNGs, then the offline `report/index.html` of the whole run."""
@@ -516,6 +645,7 @@ def explain_stage(config: RunConfig, log=print) -> Path:
     return path
 
 
+@_holding_run_folder
 def release_stage(config: RunConfig, log=print) -> Path:
     """The evaluated model as a folder to publish (`tinyonn.release`: safetensors and a `.pth` in
     the teacher's dtype, config, tokenizer, provenance from the plan, a model card with the
@@ -537,9 +667,11 @@ STAGE_FUNCTIONS: dict[str, Callable[..., Path]] = {
     "evaluate": evaluate_stage, "explain": explain_stage, "release": release_stage}
 
 
+@_holding_run_folder
 def run_pipeline(config: RunConfig, log=print) -> dict:
     """Run every stage whose outputs are missing or stale, skip the rest; returns what each did
-    (`{"stages": {stage: "ran" | "skipped"}, "evaluate": report}`)."""
+    (`{"stages": {stage: "ran" | "skipped"}, "evaluate": report}`). `run_config.json` is written once
+    the probe stage has passed (a probe that refuses the store there leaves the run as it was)."""
     from tinyonn.teacher import describe
 
     run_dir = config.run_dir
@@ -547,8 +679,6 @@ def run_pipeline(config: RunConfig, log=print) -> dict:
     if skipped:
         log(f"[data] skipped {len(skipped)} bad line(s) (skip_bad); the first: {skipped[0]}")
     teacher, _ = _teacher(config.teacher, config.quant)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     summary = describe(teacher)
     log(f"teacher {config.teacher}: {summary['model_type']}, {summary['num_layers']} layers, "
         f"{summary['ffn_units']:,} FFN units, {summary['parameters']:,} parameters")
@@ -558,13 +688,22 @@ def run_pipeline(config: RunConfig, log=print) -> dict:
         if stage_is_current(config, stage):
             done[stage] = "skipped"
             log(f"[{stage}] up to date: skipped")
-            continue
-        STAGE_FUNCTIONS[stage](config, log)
-        done[stage] = "ran"
+        else:
+            STAGE_FUNCTIONS[stage](config, log)
+            done[stage] = "ran"
+        if stage == "probe":  # the store there is this config's now: record the config
+            _write_run_config(config)
+    if not stages:
+        _write_run_config(config)
     result: dict = {"stages": done, "run_dir": str(run_dir), "skipped_lines": skipped}
     if "evaluate" in done:
         result["evaluate"] = json.loads((run_dir / "report" / "evaluate.json").read_text())
     return result
+
+
+def _write_run_config(config: RunConfig) -> None:
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config.run_dir / "run_config.json", json.dumps(config.to_dict(), indent=1))
 
 
 # ---------------------------------------------------------------- config plumbing

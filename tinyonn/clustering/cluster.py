@@ -65,7 +65,8 @@ def cluster(store: ScoreStore | str | os.PathLike, config: ClusterConfig,
     timings["total_s"] = time.perf_counter() - started
     info = {**budget_info(units, kept, config), **method_info,
             "seed": config.seed, "config": config.as_dict(), "timings": {k: round(v, 3) for k, v in timings.items()},
-            "store": str(store.path), "n_samples": store.n_samples}
+            "store": str(store.path), "n_samples": store.n_samples,
+            "store_fingerprint": store.attrs.get("fingerprint")}  # what the pipeline checks a plan against
     plan = ExpertPlan(layers=layers, method=config.method, intermediate_size=units.intermediate_size,
                       cells=cells, info=info)
     plan.validate()

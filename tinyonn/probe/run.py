@@ -26,6 +26,7 @@ import torch
 from torch.func import vmap
 
 from tinyonn.probe import decoder
+from tinyonn.runlock import holding_folder_of
 from tinyonn.config import ProbeConfig
 from tinyonn.data import Batch, EncodedSample, collate, encode_examples, per_sample_loss
 from tinyonn.teacher import FFNLayer, decoder_layers, dequantize, ffn_layout
@@ -263,6 +264,7 @@ def _chunk_batches(samples: Sequence[EncodedSample], config: ProbeConfig) -> lis
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+@holding_folder_of("out")  # one writer per run folder: a second probe gets RunInUseError at once
 def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "stores/runs/default/scores.zarr",
           tokenizer=None, overwrite: bool = False, progress: bool = True, on_bad=None, log=print):
     """Probe a teacher on a data set and return the finished `ScoreStore`.
