@@ -296,10 +296,13 @@ def _run_config(**values) -> Callable[[Path, Fixtures], None]:
 
 
 def _saved_model(change: Callable[[Path], None]) -> Callable[[Path, Fixtures], None]:
-    """The run's `model/` (a saved model the train stage loads) from the tiny teacher, then `change`;
-    plus the {tmp}/config.json the stage runs with."""
+    """On the probed run (`needs_probe`): a plan and the run's `model/` (the saved model the train
+    stage loads) from the tiny teacher, then `change`; plus the {tmp}/config.json the stage runs with."""
     def build(tmp: Path, fixtures: Fixtures) -> None:
-        model = tmp / "runs" / RUN / "model"
+        run = tmp / "runs" / RUN
+        (run / "plan").mkdir()
+        (run / "plan" / "plan.json").write_text(json.dumps({"method": "fixture", "info": {}}))
+        model = run / "model"
         shutil.copytree(fixtures.teacher, model)
         change(model)
         _run_config(probe_samples=8, train={"rule": "full"})(tmp, fixtures)  # a plain model trains with "full"
@@ -514,19 +517,20 @@ CATALOGUE: tuple[BadInput, ...] = (
     # ---- saved models and checkpoints
     BadInput("checkpoint-model-truncated", "checkpoints", ("train", *STAGE), 2,
              r"model/model\.safetensors: truncated safetensors file",
-             build=_saved_model(_truncate("model.safetensors"))),
+             build=_saved_model(_truncate("model.safetensors")), needs_probe=True),
     BadInput("checkpoint-model-wrong-shapes", "checkpoints", ("train", *STAGE), 2,
              r"model: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[10, 32\]",
-             build=_saved_model(_edit_tensors(_wrong_shape))),
+             build=_saved_model(_edit_tensors(_wrong_shape)), needs_probe=True),
     BadInput("checkpoint-model-pickle", "checkpoints", ("train", *STAGE), 2,
              r"pytorch_model\.bin: refused by torch\.load\(weights_only=True\)",
-             build=_saved_model(_pickled_weights), check=lambda tmp: _pickle_did_not_run(tmp / "runs" / RUN)),
+             build=_saved_model(_pickled_weights), check=lambda tmp: _pickle_did_not_run(tmp / "runs" / RUN),
+             needs_probe=True),
     BadInput("checkpoint-training-truncated", "checkpoints", ("train", *STAGE), 2,
              r"step-00000003/optimizer\.safetensors: truncated safetensors file.*delete .*step-00000003 to resume",
-             build=_checkpoint(_truncate("optimizer.safetensors"))),
+             build=_checkpoint(_truncate("optimizer.safetensors")), needs_probe=True),
     BadInput("checkpoint-training-state-damaged", "checkpoints", ("train", *STAGE), 2,
              r"step-00000003/state\.json: damaged checkpoint state",
-             build=_checkpoint(lambda folder: (folder / "state.json").write_text('{"step": 3,'))),
+             build=_checkpoint(lambda folder: (folder / "state.json").write_text('{"step": 3,')), needs_probe=True),
 )
 """Every kind of bad input, one entry each (names are unique)."""
 
