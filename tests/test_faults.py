@@ -119,3 +119,29 @@ def test_masked_adamw_finite_flag_skips_everything_and_is_bitwise_neutral_when_t
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert all(torch.isfinite(p).all() for p in skipped)
         assert int(skipped_opt.state[skipped[1]]["step"][0]) == 2  # the skipped step did not count
+
+
+def test_a_fresh_training_run_starts_from_its_seed_whatever_ran_before(tiny_teacher_dir, tiny_tokenizer, tmp_path):
+    """Two fresh runs after different RNG use in the process write the same checkpoint RNG states (a
+    resumed run in a new process then equals an uninterrupted one bitwise, checkpoints included)."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    teacher, _ = load_teacher(tiny_teacher_dir)
+    config = TrainConfig(data=DataConfig(max_length=48, batch_size=8), max_steps=2, max_tokens=None, progress=False,
+                         checkpoint_every=1, phase1=Phase1Config(steps=1))
+    examples = load_probe_set("builtin", "train")[::600]
+    for run, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        model = assemble(teacher, full_plan(2, 128, 8, groups=2, seed=0), RoutingConfig(mode="all"))
+        train(model, teacher, tiny_tokenizer, examples, config, tmp_path / run)
+    for name in ("rng.safetensors", "model.safetensors", "optimizer.safetensors"):
+        a, b = (load_file(str(tmp_path / run / "checkpoints" / "step-00000002" / name)) for run in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    states = [json.loads((tmp_path / run / "checkpoints" / "step-00000002" / "state.json").read_text())["rng"]
+              for run in "ab"]
+    assert states[0] == states[1]

@@ -56,6 +56,14 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     return plain, tensors
 
 
+def seed_rng(seed: int) -> None:
+    """Seed the python, numpy and torch (CPU and CUDA) generators: a run starts from the same RNG
+    state whatever ran before it in the process, so its checkpoints' RNG states are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def restore_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Put back what `rng_state` captured."""
     version, internal, gauss = plain["python"]

@@ -53,7 +53,7 @@ from tinyonn.model.moe_layer import expert_mass
 from tinyonn.model.routing import RoutingConfig
 from tinyonn.training.batches import MicroBatch, PlannedStep, SampleArrays, collate_micro_batch, plan_steps
 from tinyonn.training.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, \
-    truncate_log, write_text_atomic
+    seed_rng, truncate_log, write_text_atomic
 from tinyonn.training.config import TrainConfig, experts_for
 from tinyonn.training.losses import cross_entropy_sum_at, distillation_per_token, kl_to_teacher_sum_at, \
     router_z_loss, stacked_balance_loss
@@ -254,6 +254,7 @@ class Trainer:
             if resume and latest_checkpoint(self.checkpoint_dir) else None
         if checkpoint is None:
             self._clear_outputs()
+            seed_rng(self.config.seed)  # a fresh run's RNG state never depends on what ran before it
         self.model.to(self.device)
         self.teacher.to(self.device).eval().requires_grad_(False)
         if checkpoint is None and self.validation:
