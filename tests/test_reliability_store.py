@@ -283,7 +283,8 @@ def test_stage_refuses_an_upstream_made_with_other_settings(run):
     import dataclasses
 
     from tinyonn.clustering import ClusterConfig
-    from tinyonn.pipeline import StaleOutputError, assemble_stage
+    from tinyonn.errors import TinyONNError
+    from tinyonn.pipeline import StaleOutputError, assemble_stage, check_upstream
 
     other = dataclasses.replace(run, cluster=ClusterConfig(method="random"))
     with pytest.raises(StaleOutputError, match=r"plan/ was made with other settings than this run.s \(cluster.method: \"coact-kmeans\" → \"random\"\)"):
@@ -291,6 +292,14 @@ def test_stage_refuses_an_upstream_made_with_other_settings(run):
     other = dataclasses.replace(run, probe_samples=9)
     with pytest.raises(StaleOutputError, match=r"scores\.zarr was made with other settings .*probe_samples: 12 → 9"):
         assemble_stage(other, log=lambda *a: None)
+    check_upstream(run, "evaluate")  # model/ ← plan/ ← scores.zarr, all current
+    import shutil
+
+    shutil.rmtree(run.run_dir / "plan")  # what model/ was made from is gone: nothing left to compare it with
+    check_upstream(run, "evaluate")
+    shutil.rmtree(run.run_dir / "model")
+    with pytest.raises(TinyONNError, match="has no finished assemble stage: run `tinyonn assemble"):
+        check_upstream(run, "evaluate")
 
 
 def test_cli_stage_refusal_leaves_the_run_config(run, capsys):

@@ -178,6 +178,10 @@ class StaleOutputError(TinyONNError):
     earlier probe): the message names the stale output and the command that remakes it."""
 
 
+class MissingStageError(TinyONNError):
+    """A stage's input is not in the run folder: the message names the command that makes it."""
+
+
 @dataclass(frozen=True)
 class StageRecord:
     """What a finished stage leaves in `stages/<stage>.json`."""
@@ -225,7 +229,7 @@ def _upstream(run_dir: Path, stage: str) -> str:
         return record.fingerprint
     found = _output_fingerprint(run_dir, stage)
     if found is None:
-        raise TinyONNError(f"run folder {run_dir} has no finished {stage} stage: run `tinyonn {stage} "
+        raise MissingStageError(f"run folder {run_dir} has no finished {stage} stage: run `tinyonn {stage} "
                            f"--run {run_dir.name} --runs {run_dir.parent}` (or `tinyonn run`) first")
     return found
 
@@ -318,33 +322,37 @@ def upstream_stage(config: RunConfig, stage: str) -> str | None:
 def check_upstream(config: RunConfig, stage: str) -> None:
     """Raise `StaleOutputError` unless every stage upstream of `stage` is current for `config`: its
     record's inputs — the identity of the output it read, and its settings — equal what they would be
-    now. An output made outside the pipeline (a `tinyonn probe` store) has no record to compare and is
-    taken as it is, but a plan that records another store's fingerprint is stale all the same."""
+    now. An output with no record to compare (made outside the pipeline, like a `tinyonn probe` store,
+    or its record lost) is taken as it is and ends the check, as does an output whose own input is gone;
+    but a plan that records another store's fingerprint is stale all the same."""
     run_dir = config.run_dir
     command = f"--run {run_dir.name} --runs {run_dir.parent}"
     below = stage
     link = upstream_stage(config, stage)
     while link is not None:
         record = read_record(run_dir, link)
-        if record is not None and record.valid(run_dir):
-            now = _normalised(_stage_inputs(config, link))
-            changed = [key for key in sorted(set(record.inputs) | set(now)) if record.inputs.get(key) != now.get(key)]
-            source = upstream_stage(config, link)
-            if source in changed:
-                raise StaleOutputError(
-                    f"{run_dir}/{OUTPUT_NAMES[link]} is stale: it was made from another {OUTPUT_NAMES[source]} than "
-                    f"the one there now (rerun with `tinyonn {link} {command}` and the stages after it, or "
-                    f"`tinyonn run {command}`), so {below} will not use it")
-            if changed:
-                detail = "; ".join(_differences(record.inputs, now))
-                raise StaleOutputError(
-                    f"{run_dir}/{OUTPUT_NAMES[link]} was made with other settings than this run's ({detail}): "
-                    f"rerun `tinyonn {link} {command}` with them (and the stages after it), or `tinyonn run "
-                    f"{command}`; {below} will not use it")
-        else:
-            _upstream(run_dir, link)  # made outside the pipeline (or its record lost): there, or a clear error
+        if record is None or not record.valid(run_dir):
+            _upstream(run_dir, link)  # there (made outside the pipeline), or a clear error
             if link == "cluster":
                 _check_plan_source(run_dir, command)
+            return
+        try:
+            now = _normalised(_stage_inputs(config, link))
+        except MissingStageError:
+            return  # what it was made from is gone (e.g. plan/ deleted after assembling): nothing to compare
+        changed = [key for key in sorted(set(record.inputs) | set(now)) if record.inputs.get(key) != now.get(key)]
+        source = upstream_stage(config, link)
+        if source in changed:
+            raise StaleOutputError(
+                f"{run_dir}/{OUTPUT_NAMES[link]} is stale: it was made from another {OUTPUT_NAMES[source]} than "
+                f"the one there now (rerun with `tinyonn {link} {command}` and the stages after it, or "
+                f"`tinyonn run {command}`), so {below} will not use it")
+        if changed:
+            detail = "; ".join(_differences(record.inputs, now))
+            raise StaleOutputError(
+                f"{run_dir}/{OUTPUT_NAMES[link]} was made with other settings than this run's ({detail}): "
+                f"rerun `tinyonn {link} {command}` with them (and the stages after it), or `tinyonn run "
+                f"{command}`; {below} will not use it")
         below, link = link, upstream_stage(config, link)
 
 
