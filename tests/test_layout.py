@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 LAYERS = (
-    ("tinyonn.errors", "tinyonn.assets", "tinyonn.config", "tinyonn.files"),
+    ("tinyonn.errors", "tinyonn.assets", "tinyonn.config", "tinyonn.files", "tinyonn.runlock"),
     ("tinyonn.teacher", "tinyonn.data"),
     ("tinyonn.store",),
     ("tinyonn.probe",),
