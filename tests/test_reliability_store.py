@@ -373,6 +373,8 @@ def test_a_second_writer_fails_fast_naming_the_pid(run, capsys):
             probe(run.teacher, run.data, run.probe, run.run_dir / "scores.zarr", overwrite=True, progress=False)
         assert main(["cluster", "--runs", run.runs_dir, "--run", "r"]) != 0
         assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
+        assert main(["extract", "--runs", run.runs_dir, "--run", "r", "--teacher", run.teacher]) != 0
+        assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
         assert (run.run_dir / "plan" / "plan.json").read_bytes() == plan and ScoreStore.open(run.run_dir / "scores.zarr")
     finally:
         holder.kill()  # kill -9: the system drops the lock with the process

@@ -162,10 +162,13 @@ def _print_stage(command: str, out: Path) -> int:
 def cmd_extract(args) -> int:
     """Compare the partitions × routings × compensation at budgets of active units, training-free."""
     from tinyonn.evaluation.extract import evaluate_partitions, report_table
+    from tinyonn.runlock import run_lock
 
     run_dir = Path(args.runs) / args.run
-    report = evaluate_partitions(run_dir / "scores.zarr", args.teacher, run_dir, fractions=tuple(args.active_fraction),
-                                 eval_per_category=args.eval_per_category or None, data=args.data)
+    with run_lock(run_dir):  # it writes models/ and report/ into the run folder: one writer at a time
+        report = evaluate_partitions(run_dir / "scores.zarr", args.teacher, run_dir,
+                                     fractions=tuple(args.active_fraction),
+                                     eval_per_category=args.eval_per_category or None, data=args.data)
     print(report_table(report))
     best = report["ranking"][0]
     print(f"best with a router: {best['partition']}, {best['routing']} routing, compensation "
