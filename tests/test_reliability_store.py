@@ -311,7 +311,7 @@ def test_cli_stage_refusal_leaves_the_run_config(run, capsys):
     settings.write_text(json.dumps(run.to_dict(), indent=1))
     before = settings.read_bytes()
     _probe_outside(run, OTHER(run))
-    assert main(["assemble", "--runs", run.runs_dir, "--run", "r", "--active-fraction", "0.25"]) != 0
+    assert main(["assemble", "--runs", run.runs_dir, "--run", "r", "--active-fraction", "0.25"]) == 2
     assert "plan/ is stale" in capsys.readouterr().err
     assert settings.read_bytes() == before
 
@@ -371,9 +371,9 @@ def test_a_second_writer_fails_fast_naming_the_pid(run, capsys):
         assert info.value.pid == holder.pid and time.perf_counter() - started < 5  # no waiting
         with pytest.raises(RunInUseError, match=rf"in use by pid {holder.pid}"):  # before the teacher loads
             probe(run.teacher, run.data, run.probe, run.run_dir / "scores.zarr", overwrite=True, progress=False)
-        assert main(["cluster", "--runs", run.runs_dir, "--run", "r"]) != 0
+        assert main(["cluster", "--runs", run.runs_dir, "--run", "r"]) == 1
         assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
-        assert main(["extract", "--runs", run.runs_dir, "--run", "r", "--teacher", run.teacher]) != 0
+        assert main(["extract", "--runs", run.runs_dir, "--run", "r", "--teacher", run.teacher]) == 1
         assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
         assert (run.run_dir / "plan" / "plan.json").read_bytes() == plan and ScoreStore.open(run.run_dir / "scores.zarr")
     finally:

@@ -33,7 +33,10 @@ OWNER_FILE = ".tinyonn.lock.pid"
 
 
 class RunInUseError(TinyONNError, RuntimeError):
-    """Another process holds the run folder's lock. `pid` is its process id (None if unknown)."""
+    """Another process holds the run folder's lock. `pid` is its process id (None if unknown). The
+    command exits with 1: nothing is wrong with its input, the same command works once the run is free."""
+
+    exit_code = 1
 
     def __init__(self, folder: Path, owner: dict | None):
         pid = owner.get("pid") if owner else None
