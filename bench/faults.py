@@ -126,6 +126,8 @@ class World:
     root: Path
     teacher: Path
     data: Path
+    fast: bool = False
+    """The tests' smaller run: 48 probe samples (6 chunks), ~24 training steps."""
 
     def config(self, runs_dir: Path, run: str = "r"):
         """The `RunConfig` every case runs (only `runs_dir` differs between cases)."""
@@ -137,15 +139,18 @@ class World:
         from tinyonn.training.config import Phase1Config, Phase2Config, TrainConfig
 
         return RunConfig(
-            run=run, runs_dir=str(runs_dir), teacher=str(self.teacher), data=str(self.data), probe_samples=160,
+            run=run, runs_dir=str(runs_dir), teacher=str(self.teacher), data=str(self.data),
+            probe_samples=48 if self.fast else 160,
             probe=ProbeConfig(data=DataConfig(max_length=96, batch_size=4), chunk_samples=8),
             cluster=ClusterConfig(method="coact-kmeans", min_size=8, max_size=32, block=8, expert_size=16),
-            calibration=CalibrationConfig(max_tokens=8192, max_examples=160, data=DataConfig(max_length=96, batch_size=8)),
-            train=TrainConfig(rule="smk", max_tokens=24_000, validation_per_category=0, checkpoint_every=4,
+            calibration=CalibrationConfig(max_tokens=4096 if self.fast else 8192, max_examples=160,
+                                          data=DataConfig(max_length=96, batch_size=8)),
+            train=TrainConfig(rule="smk", max_tokens=8_000 if self.fast else 24_000, validation_per_category=0,
+                              checkpoint_every=4,
                               data=DataConfig(max_length=96, batch_size=4), micro_batch_tokens=None, packing=False,
                               pad_to_multiple=8, warmup_steps=2, lr=1e-3, phase1=Phase1Config(steps=8),
                               phase2=Phase2Config(routing="budget"), progress=False),
-            eval=EvalConfig(stride=2, max_length=96, batch_size=8, items="none",
+            eval=EvalConfig(stride=4 if self.fast else 2, max_length=96, batch_size=8, items="none",
                             measure=EvaluateConfig(nf4=False, sweep=(0.5,), bench_prompt_length=8, bench_new_tokens=2)),
             explain=ExplainConfig(per_category=2, max_length=96, max_units=256, tsne_iterations=250, max_samples=64))
 
@@ -155,7 +160,7 @@ class World:
         return path
 
 
-def build_world(root: Path, teacher_dir: Path | None = None) -> World:
+def build_world(root: Path, teacher_dir: Path | None = None, fast: bool = False) -> World:
     """A tiny teacher folder (or `teacher_dir`, e.g. the tests' fixture) and the data file under `root`."""
     from tinyonn import load_probe_set
 
@@ -177,7 +182,7 @@ def build_world(root: Path, teacher_dir: Path | None = None) -> World:
         rows = [json.dumps({"messages": list(e.messages), "category": e.category})
                 for e in load_probe_set("builtin", "train")[::40]]
         data.write_text("\n".join(rows) + "\n")
-    return World(root=root, teacher=Path(teacher_dir), data=data)
+    return World(root=root, teacher=Path(teacher_dir), data=data, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,41 +829,54 @@ def _names_chunk(message: str, array: str, chunk: str) -> bool:
     return array in message and chunk in message
 
 
-def detect_damage(world: World, run_dir: Path, array: str, chunk: str) -> tuple[str, str]:
-    """(outcome, detail) of reading a damaged store: `ScoreStore.open`, `summary()`, `verify()`
-    (where the store has it), then the cluster stage; undetected damage is `wrong` when the plan
-    differs from the reference's, `undetected` when it does not."""
+def detect_damage(world: World, reference: Path, run_dir: Path, array: str, chunk: str,
+                  cluster: bool = True) -> tuple[str, str]:
+    """(outcome, detail) of reading a damaged store each way a user would: `ScoreStore.open`,
+    `summary()`, `verify()`, and the cluster stage (its plan compared with the reference's when it
+    succeeds; `cluster=False` skips it once `verify` has named the chunk). `wrong`: the cluster
+    stage succeeded with another plan; `detected`: a step raised an error naming the array and the
+    chunk key (and no step read the damage as data); `detected-unnamed`: errors, none naming them;
+    `undetected`: every step succeeded and the plan is the reference's."""
     from tinyonn.pipeline import cluster_stage
     from tinyonn.store import ScoreStore
 
+    store = run_dir / "scores.zarr"
     steps: list[tuple[str, Callable[[], object]]] = [
-        ("open", lambda: ScoreStore.open(run_dir / "scores.zarr")),
-        ("summary", lambda: ScoreStore.open(run_dir / "scores.zarr").summary(file=None)),
-        ("verify", lambda: getattr(ScoreStore.open(run_dir / "scores.zarr"), "verify", lambda: None)()),
+        ("open", lambda: ScoreStore.open(store)),
+        ("summary", lambda: ScoreStore.open(store).summary(file=None)),
+        ("verify", lambda: ScoreStore.open(store).verify()),
     ]
-    config = World.config(world, run_dir.parent)
+    results, named, raised = [], False, False
     for what, call in steps:
         try:
             call()
+            results.append(f"{what} passed")
         except Exception as err:  # noqa: BLE001 - the detection under test
-            message = f"{type(err).__name__}: {err}"
-            if _names_chunk(str(err), array, chunk):
-                return "detected", f"{what} raised {message[:300]}"
-            return "detected-unnamed", f"{what} raised without naming {array} {chunk}: {message[:300]}"
-    strip_from(run_dir, "cluster")
-    try:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            cluster_stage(config, log=lambda *args: None)
-    except Exception as err:  # noqa: BLE001
-        message = f"{type(err).__name__}: {err}"
-        if _names_chunk(str(err), array, chunk):
-            return "detected", f"cluster raised {message[:300]}"
-        return "detected-unnamed", f"cluster raised without naming {array} {chunk}: {message[:300]}"
-    return "undetected", "open, summary, verify and cluster all succeeded"
+            raised = True
+            named |= _names_chunk(str(err), array, chunk)
+            results.append(f"{what} raised {type(err).__name__}: {str(err)[:500]}")
+    plan_differs = None
+    if cluster or not named:
+        strip_from(run_dir, "cluster")
+        try:
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                cluster_stage(world.config(run_dir.parent), log=lambda *args: None)
+            plan_differs = compare_runs_subset(reference / "r" / "plan", run_dir / "plan")
+            results.append("cluster passed, " + ("another plan" if plan_differs else "the reference's plan"))
+        except Exception as err:  # noqa: BLE001
+            raised = True
+            named |= _names_chunk(str(err), array, chunk)
+            results.append(f"cluster raised {type(err).__name__}: {str(err)[:500]}")
+    detail = "; ".join(results)
+    if plan_differs:
+        return "wrong", detail
+    if named:
+        return "detected", detail
+    return ("detected-unnamed" if raised else "undetected"), detail
 
 
 def damage_case(world: World, reference: Path, work: Path, name: str, kind: str, array: str, chunk: str,
-                rng: random.Random) -> Case:
+                rng: random.Random, cluster: bool = True) -> Case:
     started = time.monotonic()
     case_dir = work / name
     runs = case_dir / "runs"
@@ -867,13 +885,8 @@ def damage_case(world: World, reference: Path, work: Path, name: str, kind: str,
     runs.mkdir(parents=True)
     run_dir = runs / "r"
     shutil.copytree(reference / "r", run_dir)
-    strip_from(run_dir, "cluster")
     what = damage(run_dir / "scores.zarr", array, chunk, kind, rng)
-    outcome, detail = detect_damage(world, run_dir, array, chunk)
-    if outcome == "undetected":
-        plan = compare_runs_subset(reference / "r" / "plan", run_dir / "plan")
-        outcome = "wrong" if plan else "undetected"
-        detail += f"; the plan {'differs from' if plan else 'equals'} the reference's"
+    outcome, detail = detect_damage(world, reference, run_dir, array, chunk, cluster)
     if outcome == "detected":
         shutil.rmtree(case_dir, ignore_errors=True)
     return Case(name, "store", kind, outcome, f"{what}: {detail}", time.monotonic() - started)
@@ -1080,11 +1093,14 @@ def run_catalogue(catalogue, world: World, work: Path) -> list[Case]:
 # the suite
 
 
-def reference_runs(world: World, work: Path) -> tuple[Path, dict[str, float], Case]:
-    """Two uninterrupted `tinyonn run`s: the reference, and a control that must equal it."""
+def reference_runs(world: World, work: Path, reuse: bool = False) -> tuple[Path, dict[str, float], Case]:
+    """Two uninterrupted `tinyonn run`s: the reference, and a control that must equal it (`reuse`:
+    those a previous call left in `work`, when both finished)."""
     reference = work / "reference" / "runs"
     control = work / "control" / "runs"
     for runs, label in ((reference, "reference"), (control, "control")):
+        if reuse and (runs / "r" / "stages" / "release.json").is_file():
+            continue
         if runs.exists():
             shutil.rmtree(runs)
         config = world.write_config(runs, runs.parent / "config.json")
@@ -1107,8 +1123,7 @@ def summarise(cases: list[Case], started: float, command: str) -> dict:
     by_kind = Counter(c.kind for c in cases)
     kills = [c for c in cases if c.kind in ("kill9", "sigint")]
     lost = [c for c in cases if c.outcome == "lost"]
-    wrong = [c for c in cases if c.outcome in ("wrong", "undetected") and c.kind != "control"] + \
-        [c for c in cases if c.kind == "control" and c.outcome != "control-equal"]
+    wrong = [c for c in cases if c.outcome == "wrong" or (c.kind == "control" and c.outcome != "control-equal")]
     bad = [c for c in cases if c.kind == "bad-input"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')})"
@@ -1154,6 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/tinyonn-faults", help="scratch folder (cases that fail stay there)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "faults.json"))
     parser.add_argument("--only", default=None, help="comma-separated kinds: signals,enospc,damage,nan,bad-input")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="reuse the uninterrupted runs a previous call left in --work (same code only)")
     parser.add_argument("--table", metavar="JSON", default=None, help="print the README table of a result file")
     args = parser.parse_args(argv)
     if args.table:
@@ -1166,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     world = build_world(work / "world")
-    reference, seconds, control = reference_runs(world, work)
+    reference, seconds, control = reference_runs(world, work, args.reuse_reference)
     cases = [control]
 
     def record(case: Case) -> None:

@@ -145,3 +145,100 @@ def test_a_fresh_training_run_starts_from_its_seed_whatever_ran_before(tiny_teac
     states = [json.loads((tmp_path / run / "checkpoints" / "step-00000002" / "state.json").read_text())["rng"]
               for run in "ab"]
     assert states[0] == states[1]
+
+
+# ---------------------------------------------------------------- kill -9, Ctrl-C, disk full, damage
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, tiny_teacher_dir):
+    """bench/faults.py's world at its fast size and an uninterrupted run of it (in-process)."""
+    from bench import faults
+
+    root = tmp_path_factory.mktemp("faults")
+    world = faults.build_world(root / "world", teacher_dir=tiny_teacher_dir, fast=True)
+    reference = root / "reference" / "runs"
+    faults.run_in_process(world.config(reference))
+    return faults, world, reference, root
+
+
+def test_ctrl_c_then_kill_9_in_training_then_the_same_command_equals_an_uninterrupted_run(suite):
+    """`tinyonn run`: Ctrl-C at step 6 (a checkpoint at the end of the step, exit 130 with how to
+    resume), the same command killed with kill -9 after step 14 (between checkpoints), the same
+    command again: every output (store, plan, models, checkpoints, log, reports) equals the
+    uninterrupted run's, bitwise (timings left out, see bench/faults.py)."""
+    import signal
+
+    from tinyonn.training.checkpoint import latest_checkpoint
+
+    faults, world, reference, root = suite
+    runs = root / "chain" / "runs"
+    run_dir = faults.prepare_run(reference, runs, "train")
+    config = world.write_config(runs, root / "chain" / "config.json")
+    log = run_dir / "train" / "log.jsonl"
+
+    first = faults.Tinyonn(["run", "--config", str(config)], root / "chain" / "ctrl-c")
+    assert faults.wait_for(faults.Trigger("train", "train_steps", 6), first, run_dir), first.stderr()
+    first.proc.send_signal(signal.SIGINT)
+    assert first.wait(timeout=120) == 130
+    assert "rerun the same command to resume" in faults.last_line(first.stderr())
+    saved = int(latest_checkpoint(run_dir / "train" / "checkpoints").name.split("-")[1])
+    assert saved >= 6  # the signal's own checkpoint, at the end of the step it arrived in
+    assert faults._log_lines(log) == saved
+
+    second = faults.Tinyonn(["run", "--config", str(config)], root / "chain" / "kill")
+    assert faults.wait_for(faults.Trigger("train", "train_steps", 14), second, run_dir), second.stderr()
+    second.proc.send_signal(signal.SIGKILL)
+    assert second.wait(timeout=60) == -signal.SIGKILL
+    assert faults._log_lines(log) >= 14 and (run_dir / "stages" / "train.json").exists() is False
+
+    rc, out, err = faults.run_command(config, root / "chain" / "rerun")
+    assert rc == 0, err[-2000:]
+    assert "stages: probe skipped, cluster skipped, assemble skipped, train ran, evaluate ran" in out
+    problems, _ = faults.compare_runs(reference / "r", run_dir)
+    assert problems == []
+
+
+def test_disk_full_mid_probe_leaves_a_readable_store_that_resumes_to_the_uninterrupted_one(suite):
+    """ENOSPC on the third probe chunk's first array write (half the bytes written, as a full disk
+    would): the probe stage fails with the OSError, the unfinished store opens with a clear error
+    (or not at all: never a crash), and the rerun finishes it equal to the uninterrupted store."""
+    import contextlib
+    import errno
+    import os
+
+    from tinyonn.pipeline import probe_stage
+    from tinyonn.store import ScoreStore
+
+    faults, world, reference, root = suite
+    runs = root / "enospc" / "runs"
+    run_dir = faults.prepare_run(reference, runs, "probe")
+    config = world.config(runs)
+    disk = faults.DiskFull("zarr", after=0, match="/per_sample/act/c/2/")
+    with disk.active(), pytest.raises(OSError) as raised, open(os.devnull, "w") as sink, \
+            contextlib.redirect_stdout(sink):
+        probe_stage(config, log=lambda *args: None)
+    assert raised.value.errno == errno.ENOSPC and disk.raised.endswith("/per_sample/act/c/2/0")
+    store = run_dir / "scores.zarr"
+    assert json.loads((store / "progress.json").read_text())["complete_chunks"] == [0, 1]
+    assert faults.store_readable(store) is None and not ScoreStore.open(store).finalized
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        probe_stage(config, log=lambda *args: None)
+    assert faults.compare_stores(reference / "r" / "scores.zarr", store) == []
+
+
+@pytest.mark.parametrize("kind, array", [("deleted", "units/layer"), ("truncated", "per_sample/grad"),
+                                         ("bitflip", "partials/act")])
+def test_a_damaged_store_chunk_is_detected_and_named(suite, kind, array):
+    """One chunk file of the finished store deleted, cut in half or with one bit flipped: reading the
+    store (`open`, `summary`, `verify`) raises an error naming the array and the chunk key, and
+    nothing reads the damage as data."""
+    import random
+
+    faults, world, reference, root = suite
+    rng = random.Random(f"{kind}-{array}")
+    chunk = rng.choice([c for a, c in faults.chunk_files(reference / "r" / "scores.zarr") if a == array])
+    case = faults.damage_case(world, reference, root / "damage", f"{kind}-{array.replace('/', '-')}", kind, array,
+                              chunk, rng, cluster=False)
+    assert case.outcome == "detected", case.detail
+    assert f"chunk {chunk} of array {array!r}" in case.detail
