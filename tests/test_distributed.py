@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from safetensors.torch import load_file
 
 from tinyonn import distributed, load_probe_set, load_teacher
 from tinyonn.clustering.plan import full_plan
-from tinyonn.config import DataConfig, ProbeConfig
+from tinyonn.config import DataConfig
 from tinyonn.model.assemble import assemble
 from tinyonn.model.routing import RoutingConfig
 from tinyonn.training import Phase1Config, Phase2Config, TrainConfig, train
@@ -47,15 +48,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(target, size: int, timeout: float = 120.0) -> None:
-    """Run `target(rank)` in `size` forked processes joined into one gloo group; fail on any error."""
+def run_ranks(target, size: int, timeout: float = 120.0, expect_failure: bool = False) -> list[int]:
+    """Run `target(rank)` in `size` forked processes joined into one gloo group; fail on any error
+    (unless `expect_failure`: then the others are killed once one fails). Returns the exit codes."""
     port = free_port()
     context = multiprocessing.get_context("fork")
     errors = context.SimpleQueue()
 
     def body(rank: int) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(port), TINYONN_DIST_TIMEOUT="60")
         code = 0
         try:
             target(rank)
@@ -68,17 +70,22 @@ def run_ranks(target, size: int, timeout: float = 120.0) -> None:
     processes = [context.Process(target=body, args=(rank,)) for rank in range(size)]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join(timeout)
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in processes):  # one failed: the others would wait for it
+            break
+        time.sleep(0.05)
     for process in processes:
         if process.is_alive():
             process.kill()
-            process.join()
+        process.join()
     failures = []
     while not errors.empty():
         failures.append(errors.get())
-    assert all(p.exitcode == 0 for p in processes) and not failures, (
-        [p.exitcode for p in processes], "\n".join(failures))
+    codes = [p.exitcode for p in processes]
+    if not expect_failure:
+        assert all(code == 0 for code in codes) and not failures, (codes, "\n".join(failures))
+    return codes
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +117,78 @@ def test_writers_of_disjoint_chunks_make_the_one_writer_store(tmp_path):
     resumed[0].finalize(summary_score_fn(ScoreConfig()), score_attrs={"formula": "pidiff"})
     assert not list(path.glob("progress*"))
     assert_stores_equal(tmp_path / "one.zarr", path)
+
+
+# ---------------------------------------------------------------- the sharded probe
+
+
+@pytest.fixture(scope="module")
+def probe_args(tmp_path_factory, tiny_teacher_dir) -> list[str]:
+    """`tinyonn probe` options: the tiny teacher, 24 builtin examples in a JSONL file, 6 chunks of 4."""
+    data = tmp_path_factory.mktemp("probe_data") / "probe.jsonl"
+    examples = load_probe_set("builtin", "train")[::800][:24]
+    data.write_text("".join(json.dumps({"messages": list(e.messages), "category": e.category}) + "\n" for e in examples))
+    return ["probe", "--teacher", str(tiny_teacher_dir), "--data", str(data), "--chunk-samples", "4",
+            "--batch-size", "4", "--max-length", "64", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def one_process_store(tmp_path_factory, probe_args) -> Path:
+    from tinyonn.cli import main
+
+    out = tmp_path_factory.mktemp("one_process") / "scores.zarr"
+    assert main([*probe_args, "--out", str(out)]) == 0
+    return out
+
+
+def test_torchrun_probe_writes_the_one_process_store(probe_args, one_process_store, tmp_path):
+    from tests.test_store import assert_stores_equal
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "tinyonn", *probe_args, "--out", str(tmp_path / "scores.zarr")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_stores_equal(one_process_store, tmp_path / "scores.zarr")
+    chunks = [json.loads(line) for line in (tmp_path / "probe_log.jsonl").read_text().splitlines()]
+    assert sorted((c["rank"], c["chunk"]) for c in chunks) == [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3), (1, 5)]
+
+
+def test_killed_two_rank_probe_resumes_to_the_one_process_store(probe_args, one_process_store, tmp_path):
+    from tests.test_store import assert_stores_equal
+    from tinyonn.cli import main
+    from tinyonn.store.zarr_store import ScoreStoreWriter
+
+    out = tmp_path / "scores.zarr"
+    command = [*probe_args, "--out", str(out)]
+
+    def killed(rank: int) -> None:
+        if rank == 1:  # dies (kill -9: no handler, no clean-up) before writing its second chunk
+            write_chunk, written = ScoreStoreWriter.write_chunk, []
+
+            def write_once(self, k, stats):
+                if written:
+                    os._exit(9)
+                written.append(k)
+                write_chunk(self, k, stats)
+
+            ScoreStoreWriter.write_chunk = write_once
+        assert main(command) == 0
+
+    codes = run_ranks(killed, 2, expect_failure=True)
+    assert codes[1] == 9 and codes[0] != 0  # rank 0 cannot finish without rank 1
+    assert json.loads((out / "progress.rank-1.json").read_text())["complete_chunks"] == [1]
+    assert not json.loads((out / "zarr.json").read_text())["attributes"]["finalized"]
+    done = {k for path in out.glob("progress*.json") for k in json.loads(path.read_text())["complete_chunks"]}
+    logged = len((tmp_path / "probe_log.jsonl").read_text().splitlines())
+
+    def resume(rank: int) -> None:
+        assert main(command) == 0
+
+    run_ranks(resume, 2)
+    assert_stores_equal(one_process_store, out)
+    resumed = [json.loads(line) for line in (tmp_path / "probe_log.jsonl").read_text().splitlines()[logged:]]
+    assert sorted(c["chunk"] for c in resumed) == sorted(set(range(6)) - done)  # only the chunks left, once each
 
 
 # ---------------------------------------------------------------- training

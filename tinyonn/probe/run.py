@@ -228,7 +228,7 @@ def unit_table(layout: Sequence[FFNLayer]) -> tuple[np.ndarray, np.ndarray, np.n
     for ffn in layout:
         layers.append(np.full(ffn.intermediate_size, ffn.layer, dtype=np.int16))
         indices.append(np.arange(ffn.intermediate_size, dtype=np.int32))
-        norms.append(dequantize(ffn.down_proj, torch.float32).norm(dim=0).numpy())
+        norms.append(dequantize(ffn.down_proj, torch.float32).norm(dim=0).cpu().numpy())
     return np.concatenate(layers), np.concatenate(indices), np.concatenate(norms).astype(np.float32)
 
 
@@ -277,12 +277,18 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
     before the teacher loads and before any file is written; examples that give no sample (empty
     response, response cut away by `max_length`) are counted on `log`. Rerunning with the same
     inputs resumes an interrupted probe.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: each probes its share of the chunks on
+    cuda:LOCAL_RANK (or the CPU) into the one store, rank 0 creates and finalizes it
+    (`tinyonn.probe.sharded`); the store is the one a single process writes.
     """
     from tqdm.auto import tqdm
 
+    from tinyonn import distributed
     from tinyonn.data import load_probe_set, read_examples, spread
     from tinyonn.devices import resolve_device
     from tinyonn.errors import NoSamplesError
+    from tinyonn.probe import sharded
     from tinyonn.store.scores import PIDIFF_FORMULA, ScoreConfig, summary_score_fn
     from tinyonn.store.zarr_store import ChunkStats, ScoreStoreWriter
     from tinyonn.teacher import load_teacher
@@ -290,6 +296,8 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
     config = config or ProbeConfig()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
     device = resolve_device(config.device)
+    world = distributed.init(device)
+    device = str(distributed.rank_device(device, world))
     data_name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
     if isinstance(data, (str, Path)):
         data = load_probe_set(data, "train", on_bad)
@@ -333,7 +341,7 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
             "taylor": "|sum over positions of h * dl/dh| (first-order loss change of removing the unit)",
         },
     }
-    writer = ScoreStoreWriter.open(
+    open_store = lambda overwrite, rank: ScoreStoreWriter.open(  # noqa: E731
         out, units_layer=units_layer, units_index=units_index,
         heads_layer=np.repeat(np.arange(len(layout)), num_heads).astype(np.int16) if n_heads else np.zeros(0, np.int16),
         heads_index=np.tile(np.arange(num_heads), len(layout)).astype(np.int16) if n_heads else np.zeros(0, np.int16),
@@ -341,12 +349,12 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
         sample_category=np.asarray([category_code[s.category] for s in samples], dtype=np.int16),
         source_index=np.asarray([s.index for s in samples], dtype=np.int64),
         chunk_samples=config.chunk_samples, per_sample=config.per_sample, attrs=attrs,
-        units_down_norm=down_norm, overwrite=overwrite, per_sample_codec=config.per_sample_codec,
+        units_down_norm=down_norm, overwrite=overwrite, per_sample_codec=config.per_sample_codec, rank=rank,
     )
-    pending = writer.pending_chunks()
+    writer, pending = sharded.open_writer(open_store, out, overwrite, world)  # this rank's chunks
     total_tokens = sum(len(samples[i].input_ids) for k in pending for i in range(*writer.chunk_range(k)))
     log_path = Path(out).parent / "probe_log.jsonl"  # beside the store: keeps the Zarr group clean
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="probe", disable=not progress)
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="probe", disable=not progress or not world.main)
     teacher.eval()
     started = time.time()
     for k in pending:
@@ -371,8 +379,10 @@ def probe(teacher, data, config: ProbeConfig | None = None, out: str | Path = "s
         writer.write_chunk(k, ChunkStats(loss=loss, n_tokens=n_tokens, **rows))
         with log_path.open("a") as handle:
             chunk_tokens = sum(len(s.input_ids) for s in chunk)
-            handle.write(json.dumps({"chunk": k, "samples": len(chunk), "tokens": chunk_tokens,
-                                  "seconds": time.time() - chunk_start,
-                                  "tok_s": chunk_tokens / max(time.time() - chunk_start, 1e-9)}) + "\n")
+            handle.write(json.dumps({"chunk": k, **({"rank": world.rank} if world.distributed else {}),
+                                     "samples": len(chunk), "tokens": chunk_tokens,
+                                     "seconds": time.time() - chunk_start,
+                                     "tok_s": chunk_tokens / max(time.time() - chunk_start, 1e-9)}) + "\n")
     bar.close()
-    return writer.finalize(summary_score_fn(score_config), score_attrs={"score": "pidiff"})
+    return sharded.finish(writer, lambda w: w.finalize(summary_score_fn(score_config), score_attrs={"score": "pidiff"}),
+                          world)
