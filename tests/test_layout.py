@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 LAYERS = (
-    ("tinyonn.errors", "tinyonn.assets", "tinyonn.config", "tinyonn.files", "tinyonn.runlock"),
+    ("tinyonn.errors", "tinyonn.assets", "tinyonn.config", "tinyonn.files", "tinyonn.runlock", "tinyonn.weights",
+     "tinyonn.devices", "tinyonn.distributed"),
     ("tinyonn.teacher", "tinyonn.data"),
     ("tinyonn.store",),
     ("tinyonn.probe",),
@@ -22,6 +23,7 @@ LAYERS = (
     ("tinyonn.explain", "tinyonn.release"),
     ("tinyonn.pipeline",),
     ("tinyonn.cli", "tinyonn"),
+    ("tinyonn.testing",),
 )
 """Bottom to top, as README's drawing shows them."""
 
