@@ -28,6 +28,7 @@ re-raises the signal. Held-out evaluation runs on rank 0 only.
 
 from __future__ import annotations
 
+import inspect
 import signal
 from contextlib import nullcontext
 
@@ -57,6 +58,15 @@ def rank_share(count: int, world: distributed.World) -> list[int]:
 def passes_per_rank(count: int, world: distributed.World) -> int:
     """Forward/backward passes every rank makes in a step of `count` micro-batches (ceil(count / N))."""
     return max(1, -(-count // world.size))
+
+
+def _no_buffer_sync() -> dict:
+    """DDP's option that skips broadcasting the buffers before every forward (they are the same
+    static tables on every rank): `forward_sync_buffers` where this torch has it, else the older
+    `broadcast_buffers`."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class DistributedTrainer(Trainer):
@@ -93,8 +103,8 @@ class DistributedTrainer(Trainer):
         super()._prepare(resume)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # find_unused_parameters: a parameter no pass reached (an empty shared expert) is not waited for
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False,
-                                           find_unused_parameters=True)
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=True,
+                                           **_no_buffer_sync())
         self.ddp.register_comm_hook(None, sum_allreduce_hook)
         self.forward_model = self.ddp
         if self.config.compile:
