@@ -280,22 +280,27 @@ def probe_worker(args) -> None:
     from tinyonn.data import collate, encode_examples
     from tinyonn.probe.run import probe_batch
 
-    world = distributed.init("cuda")
+    world = distributed.init(args.device)
     global DEVICE
-    DEVICE = str(distributed.rank_device("cuda", world))
+    DEVICE = str(distributed.rank_device(args.device, world))
     tokenizer = builtin_tokenizer()
     teacher = random_teacher(args.shape, "bf16", len(tokenizer))
+    if world.distributed:  # rank 0's weights everywhere (one store fingerprint), whatever each GPU's RNG drew
+        import torch.distributed as dist
+
+        for param in teacher.parameters():
+            dist.broadcast(param.data, src=0)
     examples = synthetic_examples(tokenizer, args.speedup_samples, args.seq)
     config = ProbeConfig(data=DataConfig(max_length=args.seq, batch_size=args.batch), chunk_samples=args.batch * 4,
                          per_sample=False, dtype="bfloat16", device=DEVICE)
     out = Path(args.store)
     samples, _ = encode_examples(tokenizer, examples[: args.batch], config.data)
     probe_batch(teacher, collate(samples, tokenizer.pad_token_id, "right"), config)  # warm-up, not timed
-    torch.cuda.synchronize()
+    sync()
     distributed.barrier(world)
     started = time.perf_counter()
     probe(teacher, examples, config, out, tokenizer=tokenizer, overwrite=True, progress=False)
-    torch.cuda.synchronize()
+    sync()
     distributed.barrier(world)
     seconds = time.perf_counter() - started
     if world.main:
@@ -319,13 +324,14 @@ def probe_speedup(args) -> tuple[float | None, dict]:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__).resolve()),
                    "--probe-worker", "--shape", args.speedup_shape, "--speedup-samples", str(args.speedup_samples),
-                   "--seq", str(args.seq), "--batch", str(args.batch), "--store", str(work / "scores.zarr")]
+                   "--seq", str(args.seq), "--batch", str(args.batch), "--store", str(work / "scores.zarr"),
+                   "--device", "cuda"]
         say(f"2-GPU speed-up: {' '.join(command[2:])}")
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
         if done.returncode != 0:
             return None, {"reason": f"the {ranks}-rank torchrun probe failed (exit {done.returncode}): "
                                     + " | ".join(done.stderr.strip().splitlines()[-6:])}
-        runs[ranks] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[ranks] = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"ranks"')][-1])
         say(f"{ranks} GPU(s): {runs[ranks]['tok_s']:,.0f} tok/s")
         shutil.rmtree(work, ignore_errors=True)
     speedup = runs[2]["tok_s"] / runs[1]["tok_s"]
