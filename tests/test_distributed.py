@@ -226,3 +226,17 @@ def test_ddp_training_matches_one_process(teacher, tiny_tokenizer, tmp_path):
     assert moved > 1e-3  # it trained
     for key in ours:  # the same update up to float sum order (Adam divides tiny gradients by their own size)
         torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-3 * moved, msg=key)
+
+
+def test_one_process_stages_refuse_a_torchrun_launch(monkeypatch, tmp_path):
+    from tinyonn import TinyONNError
+    from tinyonn.pipeline import RunConfig, cluster_stage, run_pipeline
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    config = RunConfig(run="r", runs_dir=str(tmp_path))
+    with pytest.raises(TinyONNError, match="the cluster stage runs in one process: start it without torchrun"):
+        cluster_stage(config)
+    with pytest.raises(TinyONNError, match=r"tinyonn run \(the whole pipeline\) runs in one process"):
+        run_pipeline(config)
+    assert not (tmp_path / "r" / "plan").exists() and not (tmp_path / "r" / "scores.zarr").exists()

@@ -393,7 +393,22 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+DISTRIBUTED_STAGES = ("probe", "train")
+"""The stages that spread over the ranks of a torchrun launch (the others run in one process)."""
+
+
+def _one_process(what: str) -> None:
+    """Refuse to run `what` in every rank of a torchrun launch (each would write the same outputs)."""
+    from tinyonn import distributed
+
+    if distributed.launched():
+        raise TinyONNError(f"{what} runs in one process: start it without torchrun (under torchrun only "
+                           f"`tinyonn {' and `tinyonn '.join(s + '`' for s in DISTRIBUTED_STAGES)} spread over the ranks)")
+
+
 def _run_stage(config: RunConfig, stage: str, body: Callable[[RunConfig], list[Path]], log=print) -> Path:
+    if stage not in DISTRIBUTED_STAGES:
+        _one_process(f"the {stage} stage")
     run_dir = config.run_dir
     inputs = _stage_inputs(config, stage)
     check_upstream(config, stage)  # before anything is written
@@ -682,6 +697,7 @@ def run_pipeline(config: RunConfig, log=print) -> dict:
     the probe stage has passed (a probe that refuses the store there leaves the run as it was)."""
     from tinyonn.teacher import describe
 
+    _one_process("tinyonn run (the whole pipeline)")
     run_dir = config.run_dir
     skipped = check_data(config)  # the data and the teacher are checked before anything is written
     if skipped:
