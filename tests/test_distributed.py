@@ -1,15 +1,19 @@
 """Two ranks on the CPU (gloo) against one process.
 
+- The score store with two writers (ranks) of disjoint chunks, killed and resumed, finalizes to the
+  one-writer store bitwise.
 - `torchrun --nproc_per_node 2 -m tinyonn probe` writes the same score store as one process: every
   array bitwise, the summaries too (each rank writes its own chunks; rank 0 sums the partials in
   chunk order at finalize).
-- A 2-rank probe killed after some chunks resumes (with 2 ranks) to that same store.
+- A 2-rank probe with rank 1 killed -9 after its first chunk resumes (with 2 ranks) to that same
+  store, probing only the chunks left.
 - Data-parallel SMK training (DDP, 3 micro-batches a step over 2 ranks, so one rank also makes a
   zero-weight pass) gives one process's loss curve (every step's losses within 1e-5, the same
   experts updated) and its final weights; rank 1 logs the same values as rank 0.
+- The one-process stages refuse to start under torchrun.
 
-The ranks of the last two are forked from this process (no new interpreter to start); the first
-goes through torchrun and the `tinyonn` module entry point as a user would.
+The ranks of the killed probe and of training are forked from this process (no new interpreter to
+start); the first probe goes through torchrun and `python -m tinyonn` as a user would.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
