@@ -26,6 +26,7 @@ null with the reason. Writes bench/results/scale.json.
 
     python bench/scale.py                                    # one H200: the 4 configurations, ~4-5 min
     python bench/scale.py --configs 4B-bf16 4B-nf4 --merge   # some configurations, merged into the JSON
+    python bench/scale.py --only-speedup                     # on a 2+ GPU machine: probe_2gpu_speedup alone
     python bench/scale.py --device cpu --shapes tiny         # a CPU smoke test of the logic (~1 min)
     python bench/scale.py --teacher /path/to/Qwen3-4B --quants bf16 nf4   # a real checkpoint
 """
@@ -360,6 +361,7 @@ def main() -> None:
     parser.add_argument("--speedup-shape", default="0.6B", choices=sorted(SHAPES))
     parser.add_argument("--speedup-samples", type=int, default=512)
     parser.add_argument("--no-speedup", action="store_true")
+    parser.add_argument("--only-speedup", action="store_true", help="only the 2-GPU probe speed-up, merged into --out")
     parser.add_argument("--merge", action="store_true", help="merge configurations into an existing --out")
     parser.add_argument("--out", default=None, help="default bench/results/scale.json (CUDA) or "
                         "stores/runs/_scale/scale.json (CPU smoke test)")
@@ -378,24 +380,28 @@ def main() -> None:
                                  else WORK / "scale.json"))
     sources = [args.teacher] if args.teacher else args.shapes
     names = {f"{(Path(s).name if args.teacher else s)}-{q}": (s, q) for s in sources for q in args.quants}
-    if args.configs:
+    if args.only_speedup:
+        names, args.merge = {}, True
+    elif args.configs:
         unknown = sorted(set(args.configs) - set(names))
         if unknown:
             raise SystemExit(f"unknown configuration(s) {unknown}; known: {sorted(names)}")
         names = {n: names[n] for n in args.configs}
     result = json.loads(out_path.read_text()) if args.merge and out_path.is_file() else {"configs": {}}
     started = time.perf_counter()
+    now = lambda: datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00")  # noqa: E731
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
     for name, (source, quant) in names.items():
         say(f"== {name}")
         try:
-            result["configs"][name] = run_config(name, source, quant, args)
+            result["configs"][name] = {**run_config(name, source, quant, args), "date": now(), "command": command}
         except Exception as err:  # record what failed and go on with the next configuration
             result["configs"][name] = {"error": f"{type(err).__name__}: {err}"}
             say(f"{name} FAILED: {type(err).__name__}: {err}")
             release()
     if not args.no_speedup and DEVICE.startswith("cuda"):
         speedup, details = probe_speedup(args)
-        result["probe_2gpu_speedup"], result["probe_2gpu"] = speedup, details
+        result["probe_2gpu_speedup"], result["probe_2gpu"] = speedup, {**details, "date": now(), "command": command}
     elif "probe_2gpu_speedup" not in result:
         result["probe_2gpu_speedup"], result["probe_2gpu"] = None, {"reason": "not measured (CPU smoke test or --no-speedup)"}
     import transformers
@@ -403,8 +409,7 @@ def main() -> None:
     result.update({
         "device": torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else "cpu",
         "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00"),
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "date": now(), "command": command,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "bench_seconds": round(time.perf_counter() - started, 1),
         "notes": "random weights from Qwen3Config (seed 0) unless 'teacher' is a path; probe aggregates only "
