@@ -565,8 +565,10 @@ def plan_signal_cases(rng: random.Random, stage_seconds: dict[str, float], per_s
                                    for _ in range(per_stage - 1)]
         for index, trigger in enumerate(kills[:per_stage]):
             cases.append((f"kill9-{stage}-{index}", trigger, signal.SIGKILL))
-        for index in range(sigint_per_stage):
-            trigger = points[stage] if index % 2 else Trigger(stage, "delay", round(rng.uniform(0.02, 1.0) * span, 3))
+        for index in range(sigint_per_stage):  # a stage shorter than a second: at its write
+            short = stage_seconds.get(stage, 1.0) < 1.0
+            trigger = points[stage] if index % 2 or short else \
+                Trigger(stage, "delay", round(rng.uniform(0.02, 1.0) * span, 3))
             cases.append((f"sigint-{stage}-{index}", trigger, signal.SIGINT))
     return cases
 
@@ -1130,7 +1132,7 @@ def summarise(cases: list[Case], started: float, command: str) -> dict:
     import torch
 
     by_kind = Counter(c.kind for c in cases)
-    kills = [c for c in cases if c.kind in ("kill9", "sigint")]
+    kills = [c for c in cases if c.kind in ("kill9", "sigint") and c.outcome != "not-killed"]
     lost = [c for c in cases if c.outcome == "lost"]
     wrong = [c for c in cases if c.outcome == "wrong" or (c.kind == "control" and c.outcome != "control-equal")]
     bad = [c for c in cases if c.kind == "bad-input"]
@@ -1156,18 +1158,31 @@ def summarise(cases: list[Case], started: float, command: str) -> dict:
 
 
 def table(result: dict) -> str:
-    """The README's table: cases by stage and kind → outcome counts, then the headline fields."""
-    rows: dict[tuple[str, str], Counter] = {}
-    for case in result["cases"]:
-        rows.setdefault((case["kind"], case["stage"]), Counter())[case["outcome"]] += 1
-    lines = ["| kind | stage | cases | outcomes |", "|---|---|---:|---|"]
-    for (kind, stage), counts in sorted(rows.items()):
-        lines.append(f"| {kind} | {stage} | {sum(counts.values())} | "
-                     + ", ".join(f"{outcome} {n}" for outcome, n in sorted(counts.items())) + " |")
-    lines.append("")
-    lines.append(f"kills_survived {result['kills_survived']} of {result['kills']}, bad_input_kinds "
-                 f"{result['bad_input_kinds']}, outputs_lost {result['outputs_lost']}, silent_wrong "
-                 f"{result['silent_wrong']}, runtime {result['runtime_s']:.0f} s ({result['device']}, {result['date'][:10]})")
+    """The README's tables: the faults by kind and stage (outcome counts), the bad inputs by area,
+    then the headline fields."""
+    stages = [*STAGES, "store"]
+    faults = [c for c in result["cases"] if c["kind"] not in ("bad-input", "control")]
+    kinds = sorted({c["kind"] for c in faults}, key=["kill9", "sigint", "enospc", "deleted", "truncated", "bitflip",
+                                                      "nan"].index)
+    used = [s for s in stages if any(c["stage"] == s for c in faults)]
+    lines = ["| fault | " + " | ".join(used) + " | outcomes |", "|---|" + "---:|" * len(used) + "---|"]
+    for kind in kinds:
+        mine = [c for c in faults if c["kind"] == kind]
+        cells = [str(sum(c["stage"] == stage for c in mine) or "") for stage in used]
+        outcomes = Counter(c["outcome"] for c in mine)
+        lines.append(f"| {kind} | " + " | ".join(cells) + " | "
+                     + ", ".join(f"{outcome} {n}" for outcome, n in sorted(outcomes.items())) + " |")
+    bad = [c for c in result["cases"] if c["kind"] == "bad-input"]
+    if bad:
+        areas = sorted({c["stage"] for c in bad})
+        lines += ["", "| bad input | " + " | ".join(areas) + " | outcomes |", "|---|" + "---:|" * len(areas) + "---|"]
+        cells = [str(sum(c["stage"] == area for c in bad)) for area in areas]
+        outcomes = Counter(c["outcome"] for c in bad)
+        lines.append("| kinds (+ `--skip-bad` reruns) | " + " | ".join(cells) + " | "
+                     + ", ".join(f"{outcome} {n}" for outcome, n in sorted(outcomes.items())) + " |")
+    lines += ["", f"`kills_survived` {result['kills_survived']} of {result['kills']}, `bad_input_kinds` "
+              f"{result['bad_input_kinds']}, `outputs_lost` {result['outputs_lost']}, `silent_wrong` "
+              f"{result['silent_wrong']}, `runtime_s` {result['runtime_s']:.0f} ({result['device']}, {result['date'][:10]})"]
     return "\n".join(lines)
 
 
