@@ -242,3 +242,24 @@ def test_a_damaged_store_chunk_is_detected_and_named(suite, kind, array):
                               chunk, rng, cluster=False)
     assert case.outcome == "detected", case.detail
     assert f"chunk {chunk} of array {array!r}" in case.detail
+
+
+def test_a_run_config_that_trains_by_steps_without_a_token_budget_trains(suite):
+    """`TrainConfig(max_tokens=None, max_steps=N)` is a valid config: the train stage used to fail
+    formatting its budget (`None:,`) before training."""
+    import contextlib
+    import dataclasses
+    import os
+
+    from tinyonn.pipeline import train_stage
+
+    faults, world, reference, root = suite
+    runs = root / "by-steps" / "runs"
+    run_dir = faults.prepare_run(reference, runs, "train")
+    config = world.config(runs)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_tokens=None, max_steps=3))
+    lines = []
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        train_stage(config, log=lines.append)
+    assert json.loads((run_dir / "train" / "summary.json").read_text())["steps"] == 3
+    assert any("on up to 3 steps of" in line for line in lines), lines

@@ -602,7 +602,10 @@ def train_stage(config: RunConfig, log=print, resume: bool = True) -> Path:
         same_inputs = previous is None or previous.fingerprint == fingerprint(_stage_inputs(config, "train"))
         if not same_inputs:  # another config trained here before: start afresh
             shutil.rmtree(out, ignore_errors=True)
-        log(f"[train] {training.rule} on up to {training.max_tokens:,} tokens of {len(examples):,} examples")
+        budget = " or ".join(f"{limit:,} {unit}" for limit, unit in ((training.max_tokens, "tokens"),
+                                                                      (training.max_steps, "steps"))
+                             if limit is not None) or "one epoch"
+        log(f"[train] {training.rule} on up to {budget} of {len(examples):,} examples")
         summary = train(model, teacher, tokenizer, examples, training, out, resume=resume and same_inputs)
         log(f"[train] {summary['tokens']:,} tokens, {summary['steps']} steps, {summary['tok_per_s']:,.0f} tok/s")
         return [out / "model", out / "summary.json"]
