@@ -54,9 +54,13 @@ def free_port() -> int:
 def run_ranks(target, size: int, timeout: float = 120.0, expect_failure: bool = False) -> list[int]:
     """Run `target(rank)` in `size` forked processes joined into one gloo group; fail on any error
     (unless `expect_failure`: then the others are killed once one fails). Returns the exit codes."""
+    import tempfile
+
     port = free_port()
     context = multiprocessing.get_context("fork")
-    errors = context.SimpleQueue()
+    # each rank's traceback goes to its own file: a rank killed mid-write cannot leave the parent
+    # blocked on a half-written queue message
+    reports = Path(tempfile.mkdtemp(prefix="tinyonn-ranks-"))
 
     def body(rank: int) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
@@ -65,7 +69,7 @@ def run_ranks(target, size: int, timeout: float = 120.0, expect_failure: bool = 
         try:
             target(rank)
         except BaseException:  # noqa: BLE001  (reported to the parent)
-            errors.put(f"rank {rank}: {traceback.format_exc()}")
+            (reports / f"rank{rank}.txt").write_text(f"rank {rank}: {traceback.format_exc()}")
             code = 1
         distributed.shutdown()
         os._exit(code)
@@ -82,9 +86,7 @@ def run_ranks(target, size: int, timeout: float = 120.0, expect_failure: bool = 
         if process.is_alive():
             process.kill()
         process.join()
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
+    failures = [path.read_text() for path in sorted(reports.glob("rank*.txt"))]
     codes = [p.exitcode for p in processes]
     if not expect_failure:
         assert all(code == 0 for code in codes) and not failures, (codes, "\n".join(failures))

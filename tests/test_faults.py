@@ -180,7 +180,7 @@ def test_ctrl_c_then_kill_9_in_training_then_the_same_command_equals_an_uninterr
     first = faults.Tinyonn(["run", "--config", str(config)], root / "chain" / "ctrl-c")
     assert faults.wait_for(faults.Trigger("train", "train_steps", 6), first, run_dir), first.stderr()
     first.proc.send_signal(signal.SIGINT)
-    assert first.wait(timeout=120) == 130
+    assert first.wait(timeout=120) == 130, first.stderr()
     assert "rerun the same command to resume" in faults.last_line(first.stderr())
     saved = int(latest_checkpoint(run_dir / "train" / "checkpoints").name.split("-")[1])
     assert saved >= 6  # the signal's own checkpoint, at the end of the step it arrived in
