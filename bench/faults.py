@@ -202,8 +202,11 @@ class Tinyonn:
         self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
         self._out, self._err = open(self.stdout_path, "w"), open(self.stderr_path, "w")
         self.started = time.monotonic()
+        # SIGINT back to its default in the child: a suite started in the background of a
+        # non-interactive shell (nohup, `cmd &`) inherits it ignored, and Ctrl-C would then be a no-op
         self.proc = subprocess.Popen([sys.executable, "-m", "tinyonn.cli", *args], stdout=self._out,
-                                     stderr=self._err, env=child_env(), cwd=REPO)
+                                     stderr=self._err, env=child_env(), cwd=REPO,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")

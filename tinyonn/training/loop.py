@@ -110,6 +110,8 @@ class DeferredSignals:
     def __enter__(self) -> DeferredSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
+                if signal.getsignal(signum) is signal.SIG_IGN:  # ignored by whoever started us: stays so
+                    continue
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
