@@ -4,8 +4,9 @@ Builds a synthetic score store of that shape with the probe's own writer, layout
 (`ScoreStoreWriter`: per-sample act/freq/grad/taylor float16 in Blosc/Zstd chunks of 256 samples ×
 8,192 units, per-category partial sums, then `finalize` with the PIDiff score), then runs each
 partition in a fresh process (`tinyonn.clustering.cluster`, the real code) and records its wall
-time, the time of each step (the plan's `info["timings"]`) and the process's peak RSS (and that
-peak minus the RSS after the imports and the store's opening, the clustering's own). Writes
+time, the time of each step (the plan's `info["timings"]`) and the process's peak RSS while it
+clusters (VmHWM, reset after the imports and the store's opening; and that peak minus the RSS
+then, the clustering's own). Writes
 bench/results/cluster_scale.json.
 
 The statistics are realistic in their structure, not copied from a teacher: every sample has a
@@ -26,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,13 +44,29 @@ LATENT, CONCEPTS = 12, 150
 HEADS_PER_LAYER = 32
 
 
+def _status_gib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: this process image's peak) in GiB.
+    (Not getrusage's ru_maxrss: Linux carries it over from the parent across fork and exec, so a
+    child started by a large parent would report the parent's size.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _maxrss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return _status_gib("VmHWM")
 
 
 def _rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return _status_gib("VmRSS")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -155,6 +171,7 @@ def run_method(store_path: Path, method: str) -> dict:
 
     store = ScoreStore.open(store_path)
     baseline = _rss_gib()
+    _reset_peak()  # the import transients are not the clustering's
     started = time.perf_counter()
     plan = cluster(store, ClusterConfig(method=method))
     seconds = time.perf_counter() - started
