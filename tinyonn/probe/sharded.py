@@ -57,10 +57,9 @@ def open_writer(open_store: Callable[[bool, int | None], ScoreStoreWriter], path
     """The store's writer on this rank and the chunks this rank probes.
 
     `open_store(overwrite, rank)` is `ScoreStoreWriter.open` of the store at `path` with everything
-    else bound. One
-    process: the writer and all of its pending chunks. Several: rank 0 creates, resumes or (with
-    `overwrite`) replaces the store, the others open it once that is done, and the pending chunks
-    are rank 0's list dealt out by `shard`.
+    else bound. One process: the writer and all of its pending chunks. Several: rank 0 creates,
+    resumes or (with `overwrite`) replaces the store, the others open it once that is done, and the
+    pending chunks are rank 0's list dealt out by `shard`.
     """
     if not world.distributed:
         writer = open_store(overwrite, None)
