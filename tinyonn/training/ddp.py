@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import signal
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -39,6 +40,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tinyonn import distributed
 from tinyonn.training.batches import MicroBatch, PlannedStep
 from tinyonn.training.loop import Trainer
+
+
+class IdleRankWarning(RuntimeWarning):
+    """Some training steps have fewer micro-batches than ranks x passes: GPU time goes to zero-weight passes."""
 
 
 def sum_allreduce_hook(process_group, bucket):
@@ -80,6 +85,12 @@ class DistributedTrainer(Trainer):
         if not self.world.main:  # rank 0 writes the run's files and evaluates
             self.validation = []
             self.log_path = self.out_dir / "ranks" / f"log-rank{self.world.rank}.jsonl"
+        short = sum(len(planned.layout) % self.world.size != 0 for planned in self.plan)
+        if short and self.world.main:
+            warnings.warn(f"{short} of {len(self.plan)} steps do not split into {self.world.size} equal shares of "
+                          f"micro-batches: ranks with fewer make zero-weight passes (idle GPU time); set "
+                          f"step_tokens (packed: a multiple of {self.world.size} x micro_batch_tokens) or grad_accum "
+                          f"to a multiple of {self.world.size}", IdleRankWarning, stacklevel=3)
 
     # -- set-up
 
